@@ -1,0 +1,132 @@
+"""Decode and normalise untrusted image bytes, with bounds checked before any pixel is decoded.
+
+The stored image is what every box refers to, so it is the *displayed* image: EXIF orientation applied,
+converted to RGB. Bytes are kept as-is when that is already true (no re-encoding loss), otherwise the
+normalised pixels are re-encoded (PNG when the source was lossless, JPEG otherwise).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "WEBP"}
+
+
+class ImageRejected(Exception):
+    """The image is unusable; the message is the reject reason shown to users."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int
+    max_pixels: int
+    min_side: int
+    max_aspect: float
+    jpeg_quality: int = 95
+
+
+@dataclass
+class DecodedImage:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    reencoded: bool
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16-bit grey is scaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        scaled = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass
+class OpenedImage:
+    image: Image.Image  # upright (EXIF orientation applied), mode as stored
+    format: str
+    orientation: int
+
+
+def open_image(data: bytes, limits: DecodeLimits) -> OpenedImage:
+    """Open and fully decode `data` as an upright image, or raise ImageRejected with the reason."""
+    if len(data) == 0:
+        raise ImageRejected("empty file: 0 bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(f"file too large: {len(data)} bytes > decode.max_bytes={limits.max_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image: unknown or unsupported format") from None
+    except Exception as exc:  # PIL raises many types for broken headers
+        raise ImageRejected(f"not an image: {type(exc).__name__}: {exc}") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            f"too many pixels: {width}x{height} > decode.max_pixels={limits.max_pixels} "
+            "(possible decompression bomb)"
+        )
+    fmt = (image.format or "").upper()
+    try:
+        orientation = int(image.getexif().get(0x0112, 1) or 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # bounded above
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise ImageRejected(f"corrupt image: {type(exc).__name__}: {exc}") from None
+    return OpenedImage(upright, fmt, orientation)
+
+
+def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    """Validate and normalise; bytes stay untouched when the source is already an upright RGB JPEG/PNG."""
+    opened = open_image(data, limits)
+    source, fmt = opened.image, opened.format
+    width, height = source.size
+    if min(width, height) < limits.min_side:
+        raise ImageRejected(f"too small: {width}x{height} < decode.min_side={limits.min_side}")
+    if max(width, height) / min(width, height) > limits.max_aspect:
+        raise ImageRejected(f"extreme aspect ratio: {width}x{height} > decode.max_aspect={limits.max_aspect}")
+    if fmt in ("JPEG", "PNG") and source.mode == "RGB" and opened.orientation in (0, 1):
+        return DecodedImage(data, "jpg" if fmt == "JPEG" else "png", width, height, reencoded=False)
+    rgb = _to_rgb(source)
+    buffer = io.BytesIO()
+    if fmt in LOSSLESS_FORMATS:
+        rgb.save(buffer, format="PNG", optimize=False)
+        ext = "png"
+    else:
+        rgb.save(buffer, format="JPEG", quality=limits.jpeg_quality)
+        ext = "jpg"
+    return DecodedImage(buffer.getvalue(), ext, width, height, reencoded=True)
+
+
+def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:
+    """Decode already-normalised bytes (from `decode`) for a model, optionally shrunk to `max_side`.
+
+    Returns the image and never changes coordinates: callers scale boxes by size ratio when they shrink.
+    """
+    image = Image.open(io.BytesIO(data))
+    if max_side and max(image.size) > max_side:
+        image.draft("RGB", (max_side, max_side))  # cheap JPEG downscale while decoding
+        image = image.convert("RGB")
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        return image
+    return image.convert("RGB")

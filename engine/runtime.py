@@ -1,0 +1,48 @@
+"""Start or join Ray: an embedded local Ray by default, a cluster when an address is given.
+
+`ray job submit` sets RAY_ADDRESS for the job, so the same script joins the cluster unchanged.
+A local Ray is kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray bind 127.0.0.1 on Linux).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from engine.config import RayConfig
+
+log = logging.getLogger("rexverse.runtime")
+
+
+def cluster_address(cfg: RayConfig) -> str | None:
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(cfg: RayConfig, namespace: str) -> bool:
+    """Initialise Ray; returns True when this call started a local Ray (the caller shuts it down)."""
+    import ray
+    from ray.data import DataContext
+
+    address = cluster_address(cfg)
+    started_local = False
+    if ray.is_initialized():
+        pass
+    elif address:
+        ray.init(address=address, namespace=namespace, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_memory,
+            namespace=namespace,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+        started_local = True
+        log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+    context = DataContext.get_current()
+    context.max_errored_blocks = cfg.max_errored_blocks
+    context.enable_progress_bars = cfg.show_progress
+    context.print_on_execution_start = cfg.show_progress
+    return started_local

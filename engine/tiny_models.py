@@ -1,0 +1,625 @@
+"""Tiny random checkpoints for every model backend, built locally and deterministically.
+
+Tests and the fixture config must never download weights, yet the stages should run the very code paths
+they run with real checkpoints (`from_pretrained(folder)`, processors, `generate`, post-processing). So each
+builder here makes a 0.5-2 MB model with random weights plus a tokenizer trained on
+`tiny_corpus.txt`, saves both with `save_pretrained`, and the stages load the folder like any other.
+
+Names are used as `tiny:<name>` wherever a config takes a model id; `resolve_model` turns them into folders.
+What callers can rely on (the tests check each):
+
+- qwen2-vl, qwen2-lm: Qwen ChatML specials with the real names, `<|im_end|>` = EOS, `<|endoftext|>` = pad,
+  left padding, a chat template; "yes", "no", " yes", " no", "Yes", "No" are single tokens. Only whole-word
+  tokens have non-zero LM-head rows, so greedy output is corpus words and never stops early: always pass
+  `max_new_tokens`.
+- grounding-dino: 30 queries, `max_text_len` 256, lowercase WordPiece over the corpus words (+ letters).
+- siglip, clip, owlv2: call processors with `padding="max_length", truncation=True`; EOS is the top id.
+- sam2: 128 px input, box prompts, 32x32 low-res masks.
+Weights are random: scores and boxes mean nothing, only shapes, dtypes and code paths do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+__all__ = ["TINY_PREFIX", "available", "cache_root", "ensure_tiny_model", "main", "resolve_model"]
+
+TINY_PREFIX = "tiny:"
+
+_CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
+_SEED = 0
+# Model init draws from torch's global RNG: two threads building at once would interleave their draws.
+# Re-entrant so that nothing breaks if a builder ever resolves another tiny model.
+_BUILD_LOCK = threading.RLock()
+# Target BPE size; the corpus saturates below it (~1240 merges), so every corpus word is one token.
+_BPE_VOCAB = 2048
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Written for these models (not copied): the Qwen ChatML layout; string content or a list of typed parts.
+_QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_QWEN_LM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def cache_root() -> Path:
+    """Where tiny models live: `$REXVERSE_CACHE/tiny-models`, else `~/.cache/rexverse/tiny-models`."""
+    base = os.environ.get("REXVERSE_CACHE") or Path.home() / ".cache" / "rexverse"
+    return Path(base) / "tiny-models"
+
+
+def available() -> list[str]:
+    """Names accepted by `ensure_tiny_model` (and as `tiny:<name>`)."""
+    return sorted(_BUILDERS)
+
+
+def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the folder of tiny model `name`, building it first if it is not cached yet.
+
+    The folder name carries a hash of this module, the corpus and the library versions, so editing a
+    builder (or upgrading transformers) gives a fresh folder instead of a stale one. The build goes to a
+    temporary folder beside the final one and is renamed into place: concurrent callers (Ray actors on one
+    node) may all build, one rename wins and the others drop their copy and use the winner's.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(available())}")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    final = root / f"{name}-{_spec_hash(name)}"
+    if final.is_dir():
+        return final
+    with _BUILD_LOCK:  # threads of one process build once; other processes race on the rename below
+        if final.is_dir():
+            return final
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+        try:
+            _BUILDERS[name](tmp)
+            _make_shareable(tmp)
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # a real failure, not a lost rename race
+                raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map `tiny:<name>` to its built folder; return any other model id or path unchanged."""
+    if name_or_path.startswith(TINY_PREFIX):
+        return str(ensure_tiny_model(name_or_path[len(TINY_PREFIX) :]))
+    return name_or_path
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _spec_hash(name: str) -> str:
+    """Short hash of everything a build depends on, so a changed recipe never reuses an old folder."""
+    h = hashlib.sha256()
+    h.update(name.encode())
+    h.update(Path(__file__).read_bytes())
+    h.update(_CORPUS_PATH.read_bytes())
+    for dist in ("torch", "transformers", "tokenizers", "safetensors"):
+        h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    return h.hexdigest()[:10]
+
+
+def _make_shareable(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; a cache shared by several users or services needs read access."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _corpus_lines() -> list[str]:
+    return [line.strip() for line in _CORPUS_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _corpus_words() -> list[str]:
+    """Sorted lowercase corpus words: the WordPiece vocabulary and the 'looks like a word' test."""
+    return sorted(set(re.findall(r"[a-z]+", " ".join(_corpus_lines()).lower())))
+
+
+@contextmanager
+def _seeded() -> Iterator[None]:
+    """Seed torch for one model init without disturbing the caller's RNG state (builds run inside actors)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        yield
+
+
+def _train_bpe(special_tokens: list[str]) -> Tokenizer:
+    """Byte-level BPE trained on the corpus; specials get ids 0..n-1 in the given order.
+
+    The corpus is small enough that training saturates: every corpus word becomes a single token, so text
+    sampled from a random model decodes to real words (the next stage noun-chunks captions with spaCy).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB,
+        min_frequency=1,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    return tok
+
+
+def _qwen_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+    """Qwen-style tokenizer: ChatML specials, `<|im_end|>` as EOS, left padding for batched generation."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(QWEN_SPECIALS),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=[t for t in QWEN_SPECIALS if t not in ("<|endoftext|>", "<|im_end|>")],
+        padding_side="left",
+        chat_template=chat_template,
+        model_max_length=4096,
+    )
+    for word in ("yes", "no", " yes", " no", "Yes", "No"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, f"{word!r} must be one token"
+    return tok
+
+
+def _word_only_lm_head(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Zero the output rows of every token that is not a whole corpus word.
+
+    A random LM head picks byte fragments and special tokens as often as words, which decodes to mojibake
+    and `<|image_pad|>`. With those rows at zero their logit is exactly 0 while the ~430 word rows keep
+    random logits, so greedy decoding emits " red ball table ..." and never EOS: callers bound the length
+    with max_new_tokens. "yes"/"no"/"Yes"/"No" keep their rows so answer probabilities stay random.
+    """
+    import torch
+
+    words = set(_corpus_words())
+    keep = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for token, idx in tokenizer.get_vocab().items():
+        text = tokenizer.convert_tokens_to_string([token])
+        if (text.startswith(" ") and text[1:].lower() in words) or text in ("yes", "no", "Yes", "No"):
+            keep[idx] = True
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[~keep[: head.weight.shape[0]]] = 0.0
+
+
+def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def _build_qwen2_vl(out: Path) -> None:
+    """Qwen2-VL captioner: 2-layer ViT (patch 14, merge 2) + 2-layer text model, ~81 tokens per image."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _qwen_tokenizer(_QWEN_VL_CHAT_TEMPLATE)
+    ids = _qwen_token_ids(tokenizer)
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 256 * 256}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels),  # the processor refuses None
+        chat_template=_QWEN_VL_CHAT_TEMPLATE,
+    )
+    special = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            # mrope_section must sum to head_dim / 2 = 64 / 4 / 2
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            **special,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        **special,
+    )
+    with _seeded():
+        model = Qwen2VLForConditionalGeneration(config).eval()
+    _word_only_lm_head(model, tokenizer)
+    model.generation_config.update(**special, do_sample=False)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_qwen2_lm(out: Path) -> None:
+    """Qwen2 chat LLM for verification/rewriting; "yes", "no", " yes", " no" are single tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _qwen_tokenizer(_QWEN_LM_CHAT_TEMPLATE)
+    ids = _qwen_token_ids(tokenizer)
+    special = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        **special,
+    )
+    with _seeded():
+        model = Qwen2ForCausalLM(config).eval()
+    _word_only_lm_head(model, tokenizer)
+    model.generation_config.update(**special, do_sample=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_grounding_dino(out: Path) -> None:
+    """Grounding DINO with a tiny Swin backbone and a tiny BERT over a corpus-word WordPiece vocabulary."""
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    # Whole corpus words, then single letters and ##letters so an unseen word splits instead of [UNK].
+    pieces = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *".,;:?!'-()",
+        *letters,
+        *(f"##{c}" for c in letters),
+    ]
+    vocab = pieces + [w for w in _corpus_words() if w not in pieces]
+    # BertTokenizer(vocab=dict) is honoured; BertTokenizerFast(vocab_file=...) was silently ignored here.
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, padding_side="right")
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 192}),
+        tokenizer=tokenizer,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(
+            image_size=128,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=4,
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        text_config=BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            pad_token_id=0,
+        ),
+        num_queries=30,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,  # 1 breaks weight tying of the shared box heads
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=256,
+        pad_token_id=0,
+    )
+    with _seeded():
+        model = GroundingDinoForObjectDetection(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _clip_style_tokenizer(bos: str | None, eos: str, max_length: int) -> PreTrainedTokenizerFast:
+    """BPE for contrastive text towers, with BOS/EOS added after training so they get the top ids.
+
+    CLIP/OWL pool the text at the argmax id, so EOS must be the highest; OWLv2 also treats a query whose
+    first id is 0 as padding, so BOS must not be id 0.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = _train_bpe([])
+    bpe.add_special_tokens([t for t in (bos, eos) if t])  # ids n, n+1 in this order
+    single = f"{bos + ' ' if bos else ''}$A {eos}"
+    specials = [(t, bpe.token_to_id(t)) for t in (bos, eos) if t]
+    bpe.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        padding_side="right",
+        model_max_length=max_length,
+    )
+
+
+def _build_siglip(out: Path) -> None:
+    """SigLIP image-text scorer; text is pooled at the last position, so callers pad to max_length."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    tokenizer = _clip_style_tokenizer(None, "</s>", max_length=64)
+    eos = tokenizer.eos_token_id
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    )
+    config = SiglipConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "pad_token_id": eos,
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+        },
+        vision_config={
+            "image_size": 64,
+            "patch_size": 16,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+    )
+    with _seeded():
+        model = SiglipModel(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_clip(out: Path) -> None:
+    """CLIP image-text scorer; EOS is the highest token id and the configured eos_token_id."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _clip_style_tokenizer("<|startoftext|>", "<|endoftext|>", max_length=77)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
+        tokenizer=tokenizer,
+    )
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "projection_dim": 32,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "image_size": 64,
+            "patch_size": 16,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "projection_dim": 32,
+        },
+        projection_dim=32,
+    )
+    with _seeded():
+        model = CLIPModel(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_owlv2(out: Path) -> None:
+    """OWLv2 detector; stages use its class-agnostic `objectness_logits` + `pred_boxes` (6x6 = 36 boxes)."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    tokenizer = _clip_style_tokenizer("<|startoftext|>", "<|endoftext|>", max_length=16)
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 96, "width": 96}), tokenizer=tokenizer
+    )
+    config = Owlv2Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "image_size": 96,
+            "patch_size": 16,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        projection_dim=32,
+    )
+    with _seeded():
+        model = Owlv2ForObjectDetection(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_sam2(out: Path) -> None:
+    """SAM2 for box prompts at 128 px: Hiera strides 4/8/16/32, 8x8 image embedding, 32x32 mask logits."""
+    from transformers import (
+        Sam2Config,
+        Sam2HieraDetConfig,
+        Sam2ImageProcessor,
+        Sam2MaskDecoderConfig,
+        Sam2Model,
+        Sam2Processor,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
+
+    size = 128
+    backbone = Sam2HieraDetConfig(  # must be a config object: a dict is not turned into one
+        hidden_size=16,
+        num_attention_heads=1,
+        image_size=[size, size],
+        blocks_per_stage=[1, 2, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128],
+        num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[4, 4, 4, 4],
+        global_attention_blocks=[4],  # second block of stage 3: a stage's first block may not be global
+        window_positional_embedding_background_size=[4, 4],
+    )
+    config = Sam2Config(
+        vision_config=Sam2VisionConfig(
+            backbone_config=backbone,
+            backbone_channel_list=[128, 64, 32, 16],
+            backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
+            fpn_hidden_size=32,
+        ),
+        prompt_encoder_config=Sam2PromptEncoderConfig(
+            hidden_size=32, image_size=size, patch_size=16, mask_input_channels=4
+        ),
+        mask_decoder_config=Sam2MaskDecoderConfig(
+            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+        ),
+    )
+    processor = Sam2Processor(
+        image_processor=Sam2ImageProcessor(
+            size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4}
+        )
+    )
+    with _seeded():
+        model = Sam2Model(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "qwen2-vl": _build_qwen2_vl,
+    "grounding-dino": _build_grounding_dino,
+    "qwen2-lm": _build_qwen2_lm,
+    "siglip": _build_siglip,
+    "clip": _build_clip,
+    "owlv2": _build_owlv2,
+    "sam2": _build_sam2,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.tiny_models [--cache DIR] [names...]`: build (or find) and print each folder."""
+    parser = argparse.ArgumentParser(prog="python -m engine.tiny_models", description=main.__doc__)
+    parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: {cache_root()})")
+    parser.add_argument(
+        "names", nargs="*", help=f"models to build (default: all of {', '.join(available())})"
+    )
+    args = parser.parse_args(argv)
+    try:
+        paths: dict[str, Path] = {n: ensure_tiny_model(n, args.cache) for n in (args.names or available())}
+    except ValueError as err:
+        parser.error(str(err))
+    for name, path in paths.items():
+        print(f"{name} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The Rexverse record: one per image, the contract between the engine, ChatRex training, eval and users.
+
+Three views of the same thing, defined once here:
+- typed Python objects (`Record`, `Region`, ...) for code that builds or reads records;
+- `validate(record_dict)` for the JSON form that travels through the engine and lands in shards;
+- `INDEX_SCHEMA`, the pyarrow schema of the parquet index (one row per record) and `to_index_row`.
+Field meanings are documented in docs/record.md; bump SCHEMA_VERSION on any change there.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+SUPPORTED_VERSIONS = ("1.0",)
+KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+IMAGE_EXTENSIONS = ("jpg", "png")
+
+
+@dataclass
+class Source:
+    uri: str
+    dataset: str = ""
+
+
+@dataclass
+class Caption:
+    text: str
+    model: str = ""
+
+
+@dataclass
+class Phrase:
+    text: str
+    start: int
+    end: int
+    head: str = ""
+
+
+@dataclass
+class Region:
+    id: int
+    box: list[float]
+    score: float
+    phrase: int
+    category: str = ""
+    short_phrase: str = ""
+    description: str = ""
+    referring: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    mask: dict[str, Any] | None = None
+
+
+@dataclass
+class GroundedSpan:
+    start: int
+    end: int
+    phrase: int
+    regions: list[int]
+
+
+@dataclass
+class GroundedCaption:
+    text: str
+    spans: list[GroundedSpan] = field(default_factory=list)
+
+
+@dataclass
+class Dropped:
+    stage: str
+    what: str
+    reason: str
+
+
+@dataclass
+class Record:
+    key: str
+    source: Source
+    width: int
+    height: int
+    image_ext: str
+    caption: Caption
+    phrases: list[Phrase] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    grounded_caption: GroundedCaption | None = None
+    proposals: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schema_version: str = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        """Build typed objects from the JSON form; raises SchemaError if the record is invalid."""
+        errors = validate(data)
+        if errors:
+            raise SchemaError("; ".join(errors))
+        gc = data.get("grounded_caption")
+        return cls(
+            key=data["key"],
+            source=Source(**data["source"]),
+            width=data["width"],
+            height=data["height"],
+            image_ext=data["image_ext"],
+            caption=Caption(**data["caption"]),
+            phrases=[Phrase(**p) for p in data.get("phrases", [])],
+            regions=[Region(**r) for r in data.get("regions", [])],
+            grounded_caption=None
+            if gc is None
+            else GroundedCaption(text=gc["text"], spans=[GroundedSpan(**s) for s in gc["spans"]]),
+            proposals=list(data.get("proposals", [])),
+            dropped=[Dropped(**d) for d in data.get("dropped", [])],
+            provenance=dict(data.get("provenance", {})),
+            schema_version=data["schema_version"],
+        )
+
+
+class SchemaError(ValueError):
+    """A record breaks the contract; the message lists every problem found."""
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_version(data: dict[str, Any]) -> str | None:
+    """None if this code can read the record's schema version, else a message that names it."""
+    version = data.get("schema_version")
+    if version in SUPPORTED_VERSIONS:
+        return None
+    return (
+        f"schema_version {version!r} is not supported by this Rexverse "
+        f"(reads {', '.join(SUPPORTED_VERSIONS)}); upgrade rexverse or rebuild the shards"
+    )
+
+
+def validate(data: dict[str, Any]) -> list[str]:
+    """Every way `data` breaks the record contract (empty list = valid)."""
+    errors: list[str] = []
+    version_error = check_version(data)
+    if version_error:
+        return [version_error]
+    key = data.get("key")
+    if not (isinstance(key, str) and KEY_PATTERN.match(key)):
+        errors.append(f"key must be 64 lowercase hex chars (sha256), got {key!r}")
+    source = data.get("source")
+    if not (isinstance(source, dict) and _is_text(source.get("uri"))):
+        errors.append("source.uri must be a non-empty string")
+    width, height = data.get("width"), data.get("height")
+    if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
+        errors.append(f"width/height must be positive ints, got {width!r}x{height!r}")
+        return errors
+    if data.get("image_ext") not in IMAGE_EXTENSIONS:
+        errors.append(f"image_ext must be one of {IMAGE_EXTENSIONS}, got {data.get('image_ext')!r}")
+    caption = data.get("caption")
+    if not (isinstance(caption, dict) and _is_text(caption.get("text"))):
+        errors.append("caption.text must be a non-empty string")
+        return errors
+    text = caption["text"]
+    phrases = data.get("phrases", [])
+    errors += _validate_phrases(phrases, text)
+    regions = data.get("regions", [])
+    errors += _validate_regions(regions, len(phrases), width, height)
+    errors += _validate_grounded_caption(data.get("grounded_caption"), text, regions, len(phrases))
+    for i, prop in enumerate(data.get("proposals", [])):
+        box = prop.get("box") if isinstance(prop, dict) else None
+        problem = _box_problem(box, width, height)
+        if problem:
+            errors.append(f"proposals[{i}].box {problem}")
+    for i, drop in enumerate(data.get("dropped", [])):
+        if not (isinstance(drop, dict) and _is_text(drop.get("stage")) and _is_text(drop.get("reason"))):
+            errors.append(f"dropped[{i}] needs stage and reason")
+    return errors
+
+
+def _validate_phrases(phrases: Any, text: str) -> list[str]:
+    if not isinstance(phrases, list):
+        return ["phrases must be a list"]
+    errors = []
+    for i, p in enumerate(phrases):
+        start, end = p.get("start"), p.get("end")
+        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= len(text)):
+            errors.append(f"phrases[{i}] span {start!r}:{end!r} is outside the caption")
+        elif text[start:end] != p.get("text"):
+            errors.append(
+                f"phrases[{i}].text {p.get('text')!r} != caption[{start}:{end}] {text[start:end]!r}"
+            )
+    return errors
+
+
+def _box_problem(box: Any, width: int, height: int) -> str | None:
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return f"must be 4 finite numbers, got {box!r}"
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        return f"{box!r} is empty or outside the {width}x{height} image"
+    return None
+
+
+REGION_TEXT_FIELDS = ("category", "short_phrase", "description", "referring")
+
+
+def _validate_regions(regions: Any, n_phrases: int, width: int, height: int) -> list[str]:
+    if not isinstance(regions, list):
+        return ["regions must be a list"]
+    errors = []
+    ids = set()
+    for i, r in enumerate(regions):
+        rid = r.get("id")
+        if not _is_int(rid) or rid in ids:
+            errors.append(f"regions[{i}].id must be a unique int, got {rid!r}")
+        ids.add(rid)
+        problem = _box_problem(r.get("box"), width, height)
+        if problem:
+            errors.append(f"regions[{i}].box {problem}")
+        if not _is_number(r.get("score")):
+            errors.append(f"regions[{i}].score must be a finite number")
+        phrase = r.get("phrase")
+        if not (_is_int(phrase) and 0 <= phrase < n_phrases):
+            errors.append(f"regions[{i}].phrase {phrase!r} is not a phrase index")
+        for name in REGION_TEXT_FIELDS:
+            if not _is_text(r.get(name)):
+                errors.append(f"regions[{i}].{name} must be a non-empty string")
+        mask = r.get("mask")
+        if mask is not None and list(mask.get("size", [])) != [height, width]:
+            errors.append(f"regions[{i}].mask.size must be [height, width] = [{height}, {width}]")
+    return errors
+
+
+def _validate_grounded_caption(gc: Any, text: str, regions: list, n_phrases: int) -> list[str]:
+    if gc is None:
+        return []
+    if not isinstance(gc, dict) or gc.get("text") != text:
+        return ["grounded_caption.text must equal caption.text"]
+    ids = {r.get("id") for r in regions}
+    errors = []
+    for i, s in enumerate(gc.get("spans", [])):
+        start, end = s.get("start"), s.get("end")
+        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= len(text)):
+            errors.append(f"grounded_caption.spans[{i}] is outside the caption")
+        if not (_is_int(s.get("phrase")) and 0 <= s["phrase"] < n_phrases):
+            errors.append(f"grounded_caption.spans[{i}].phrase is not a phrase index")
+        missing = [rid for rid in s.get("regions", []) if rid not in ids]
+        if missing or not s.get("regions"):
+            errors.append(f"grounded_caption.spans[{i}] must point at existing regions, bad: {missing}")
+    return errors
+
+
+# --- parquet index: one row per record, the same fields flattened ---------------------------------------
+
+_REGION_TYPE = pa.struct(
+    [
+        ("id", pa.int32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("score", pa.float32()),
+        ("phrase", pa.int32()),
+        ("category", pa.string()),
+        ("short_phrase", pa.string()),
+        ("description", pa.string()),
+        ("referring", pa.string()),
+        ("has_mask", pa.bool_()),
+    ]
+)
+_PHRASE_TYPE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("schema_version", pa.string()),
+        ("shard", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_dataset", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image_ext", pa.string()),
+        ("caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("phrases", pa.list_(_PHRASE_TYPE)),
+        ("regions", pa.list_(_REGION_TYPE)),
+        ("num_regions", pa.int32()),
+        ("num_proposals", pa.int32()),
+        ("num_dropped", pa.int32()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("key", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
+    """Flatten a (valid) record into one row of INDEX_SCHEMA."""
+    return {
+        "key": record["key"],
+        "schema_version": record["schema_version"],
+        "shard": shard,
+        "source_uri": record["source"]["uri"],
+        "source_dataset": record["source"].get("dataset", ""),
+        "width": record["width"],
+        "height": record["height"],
+        "image_ext": record["image_ext"],
+        "caption": record["caption"]["text"],
+        "caption_model": record["caption"].get("model", ""),
+        "phrases": [{"text": p["text"], "start": p["start"], "end": p["end"]} for p in record["phrases"]],
+        "regions": [
+            {
+                "id": r["id"],
+                "box": [float(v) for v in r["box"]],
+                "score": float(r["score"]),
+                "phrase": r["phrase"],
+                "category": r["category"],
+                "short_phrase": r["short_phrase"],
+                "description": r["description"],
+                "referring": r["referring"],
+                "has_mask": r.get("mask") is not None,
+            }
+            for r in record["regions"]
+        ],
+        "num_regions": len(record["regions"]),
+        "num_proposals": len(record.get("proposals", [])),
+        "num_dropped": len(record.get("dropped", [])),
+    }

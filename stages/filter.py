@@ -1,0 +1,101 @@
+"""Final filter: image-text agreement of each region with its referring expression, then the grounded caption.
+
+A SigLIP (or CLIP) model scores the region crop (with a little context) against the referring expression;
+regions under `score_threshold` are dropped. Survivors are linked back to the caption: each grounded
+phrase span points at its region ids. An image left with no region is rejected with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+from engine.config import FilterConfig
+from engine.images import load_rgb
+from engine.items import Item
+from engine.models import load_model, load_processor
+from stages.base import Stage
+
+
+def context_crop(image: Image.Image, box: list[float], context: float) -> Image.Image:
+    """The box grown by `context` of its size on each side, clipped to the image."""
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * context, (y1 - y0) * context
+    left, top = max(0, int(x0 - dx)), max(0, int(y0 - dy))
+    right, bottom = min(image.width, int(x1 + dx + 0.999)), min(image.height, int(y1 + dy + 0.999))
+    return image.crop((left, top, max(right, left + 1), max(bottom, top + 1)))
+
+
+def grounded_caption(record: dict[str, Any]) -> dict[str, Any]:
+    """The caption with every phrase that kept a region pointing at those region ids."""
+    by_phrase: dict[int, list[int]] = {}
+    for region in record["regions"]:
+        by_phrase.setdefault(region["phrase"], []).append(region["id"])
+    spans = [
+        {"start": p["start"], "end": p["end"], "phrase": index, "regions": sorted(by_phrase[index])}
+        for index, p in enumerate(record["phrases"])
+        if index in by_phrase
+    ]
+    return {"text": record["caption"]["text"], "spans": spans}
+
+
+class ImageTextScorer:
+    """Agreement of (image, text) pairs in [0, 1] for SigLIP (sigmoid) or cosine in [-1, 1] for CLIP."""
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.processor = load_processor(AutoProcessor, cfg.model)
+        self.model, self.device = load_model(AutoModel, cfg.model)
+        self.sigmoid = self.model.config.model_type.startswith("siglip")
+
+    @torch.inference_mode()
+    def __call__(self, images: list[Image.Image], texts: list[str]) -> list[float]:
+        if not images:
+            return []
+        padding = "max_length" if self.sigmoid else True
+        inputs = self.processor(
+            text=texts, images=images, padding=padding, truncation=True, return_tensors="pt"
+        )
+        logits = self.model(**inputs.to(self.device)).logits_per_image.float().diagonal()
+        if self.sigmoid:
+            return logits.sigmoid().tolist()
+        return (logits / self.model.logit_scale.exp().float()).tolist()
+
+
+class Filter(Stage):
+    name = "filter"
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        super().__init__(cfg)
+        self.scorer = ImageTextScorer(cfg)
+
+    def process(self, items: list[Item]) -> None:
+        pairs = []
+        for item in items:
+            image = load_rgb(item.image)
+            pairs += [
+                (region, context_crop(image, region["box"], self.cfg.crop_context))
+                for region in item.record["regions"]
+            ]
+        step = self.cfg.regions_per_call
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            scores = self.scorer([crop for _, crop in chunk], [region["referring"] for region, _ in chunk])
+            for (region, _), score in zip(chunk, scores, strict=True):
+                region.setdefault("scores", {})["image_text"] = round(score, 4)
+        for item in items:
+            kept = []
+            for region in item.record["regions"]:
+                score = region["scores"]["image_text"]
+                if score >= self.cfg.score_threshold:
+                    kept.append(region)
+                else:
+                    reason = f"low image-text score: {score:.3f} < {self.cfg.score_threshold}"
+                    item.drop(self.name, f"region {region['id']}", reason)
+            item.record["regions"] = kept
+            if not kept:
+                item.reject(self.name, "no region left after filtering")
+            else:
+                item.record["grounded_caption"] = grounded_caption(item.record)

@@ -1,0 +1,133 @@
+"""Open-vocabulary grounding of the caption's phrases with Grounding DINO (transformers).
+
+The phrases of one caption are joined into one prompt ("red ball. blue square."), the detector scores every
+query box against every text token, and each box is given to the phrase whose tokens it matches best.
+transformers' `post_process_grounded_object_detection` returns label *strings* rebuilt from tokens, which
+cannot be mapped back to phrase indices reliably (a word shared by two phrases is ambiguous), so the
+box -> phrase association is done here from token character offsets.
+
+Scores: a box's phrase score is the highest token probability inside that phrase (`box_threshold`
+applies to it); the mean token probability over the phrase must reach `text_threshold`, so a box matching
+one word of a long phrase is not taken for the whole phrase.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.ops import batched_nms, box_convert
+from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+from engine.config import GroundingConfig
+from engine.images import load_rgb
+from engine.items import Item
+from engine.models import load_model, load_processor
+from stages.base import Stage
+
+
+def build_prompt(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Grounding DINO's text format (lowercase, '. '-separated, final '.') and each phrase's char span."""
+    parts, spans, cursor = [], [], 0
+    for phrase in phrases:
+        text = phrase.lower().strip()
+        spans.append((cursor, cursor + len(text)))
+        parts.append(text)
+        cursor += len(text) + 2  # ". "
+    return ". ".join(parts) + ".", spans
+
+
+def phrase_token_indices(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[list[int]]:
+    """For each char span, the token positions whose (non-empty) offsets fall inside it."""
+    result = []
+    for start, end in spans:
+        result.append([t for t, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end])
+    return result
+
+
+def select_boxes(
+    probs: torch.Tensor,
+    boxes_cxcywh: torch.Tensor,
+    phrase_tokens: list[list[int]],
+    width: int,
+    height: int,
+    cfg: GroundingConfig,
+) -> list[dict[str, Any]]:
+    """Regions from one image's detector output.
+
+    probs: (queries, text_len) token probabilities; boxes_cxcywh: (queries, 4) normalised to the image.
+    Returns regions sorted by score, with absolute clipped xyxy boxes, after per-phrase NMS and caps.
+    """
+    usable = [i for i, tokens in enumerate(phrase_tokens) if tokens]
+    if not usable or probs.numel() == 0:
+        return []
+    max_scores = torch.stack([probs[:, phrase_tokens[i]].max(dim=1).values for i in usable], dim=1)
+    mean_scores = torch.stack([probs[:, phrase_tokens[i]].mean(dim=1) for i in usable], dim=1)
+    score, best = max_scores.max(dim=1)
+    mean_of_best = mean_scores.gather(1, best[:, None]).squeeze(1)
+    keep = (score >= cfg.box_threshold) & (mean_of_best >= cfg.text_threshold)
+    if not keep.any():
+        return []
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    xyxy = box_convert(boxes_cxcywh[keep].float(), "cxcywh", "xyxy") * scale
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+    score, phrase = score[keep].float(), torch.tensor(usable)[best[keep]]
+    valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    xyxy, score, phrase = xyxy[valid], score[valid], phrase[valid]
+    order = batched_nms(xyxy, score, phrase, cfg.nms_iou)  # sorted by decreasing score
+    per_phrase: dict[int, int] = {}
+    regions: list[dict[str, Any]] = []
+    for index in order.tolist():
+        p = int(phrase[index])
+        if per_phrase.get(p, 0) >= cfg.max_boxes_per_phrase:
+            continue
+        per_phrase[p] = per_phrase.get(p, 0) + 1
+        box = [round(float(v), 2) for v in xyxy[index]]
+        regions.append({"box": box, "score": round(float(score[index]), 4), "phrase": p})
+        if len(regions) >= cfg.max_boxes:
+            break
+    return regions
+
+
+class Grounding(Stage):
+    name = "grounding"
+
+    def __init__(self, cfg: GroundingConfig) -> None:
+        super().__init__(cfg)
+        self.processor = load_processor(AutoProcessor, cfg.model)
+        self.processor.tokenizer.padding_side = "right"  # token positions must match the unpadded prompt
+        self.model, self.device = load_model(AutoModelForZeroShotObjectDetection, cfg.model)
+        self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
+
+    def _fit_prompt(self, item: Item) -> tuple[str, list[list[int]]]:
+        """Prompt and phrase token positions; phrases past the text encoder's length are dropped."""
+        phrases = [p["text"] for p in item.record["phrases"]]
+        while True:
+            prompt, spans = build_prompt(phrases)
+            encoded = self.processor.tokenizer(prompt, return_offsets_mapping=True)
+            if len(encoded["input_ids"]) <= self.max_text_len or len(phrases) <= 1:
+                break
+            phrases = phrases[:-1]
+        for p in item.record["phrases"][len(phrases) :]:
+            item.drop(self.name, f"phrase '{p['text']}'", "beyond the detector's text length")
+        return prompt, phrase_token_indices(encoded["offset_mapping"], spans)
+
+    @torch.inference_mode()
+    def process(self, items: list[Item]) -> None:
+        images = [load_rgb(item.image, self.cfg.max_image_side) for item in items]
+        prompts, tokens = zip(*(self._fit_prompt(item) for item in items), strict=True)
+        inputs = self.processor(images=images, text=list(prompts), padding=True, return_tensors="pt")
+        outputs = self.model(**inputs.to(self.device))
+        probs = outputs.logits.sigmoid().float().cpu()
+        boxes = outputs.pred_boxes.float().cpu()
+        for i, item in enumerate(items):
+            regions = select_boxes(
+                probs[i], boxes[i], tokens[i], item.record["width"], item.record["height"], self.cfg
+            )
+            for region_id, region in enumerate(regions):
+                region["id"] = region_id
+                region["scores"] = {"grounding": region["score"]}
+            item.record["regions"] = regions
+            if not regions:
+                item.reject(self.name, "no box above the grounding thresholds")

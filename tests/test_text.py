@@ -1,0 +1,41 @@
+"""Parsing of free model generations into record fields (refine/caption parsing)."""
+
+from stages.text import clean_generation, first_sentence, parse_category, parse_referring, parse_short_phrase
+
+
+def test_clean_generation_takes_first_line_and_strips_labels_and_quotes():
+    assert clean_generation('\n  Answer: "a red ball"\nsecond line') == "a red ball"
+    assert clean_generation("...\n--\n") == ""
+
+
+def test_first_sentence_cuts_capitalises_and_ends_with_period():
+    assert first_sentence("a dog runs on grass. It is happy.", 40) == "A dog runs on grass."
+    assert first_sentence("Caption: two cats   sleeping", 40) == "Two cats sleeping."
+    assert first_sentence("one two three four five", 3) == "One two three."
+    assert first_sentence("   \n ", 10) == ""
+    assert first_sentence("!!! ...", 10) == ""
+
+
+def test_parse_category_lowercases_strips_articles_and_clauses():
+    assert parse_category("A Dog.", 3) == "dog"
+    assert parse_category("Category: the red car, parked", 3) == "red car"
+    assert parse_category("very big old wooden table", 2) == "very big"
+    assert parse_category("123", 3) == ""
+    assert parse_category("", 3) == ""
+
+
+def test_parse_short_phrase():
+    assert parse_short_phrase("The small brown dog on the left.", 6) == "small brown dog on the left"
+    assert parse_short_phrase("a b c d e f g h", 3) == "b c d"  # article 'a' stripped first
+    assert parse_short_phrase("(none)", 4) == ""
+
+
+def test_parse_referring_removes_commas_and_bounds_words():
+    assert parse_referring("The dog, sitting on the left, near a tree.", 3, 10) == (
+        "the dog sitting on the left near a tree"
+    )
+    assert parse_referring("Man in red", 5, 10) == ""  # too short
+    words = " ".join(f"w{i}" for i in range(20))
+    assert len(parse_referring(words, 3, 10).split()) == 10
+    assert "," not in parse_referring("a, b, c, d, e", 1, 10)
+    assert parse_referring("TV on the wall", 3, 10) == "TV on the wall"  # acronyms keep their case
