@@ -51,6 +51,9 @@ class DecodeConfig(Strict):
     min_side: int = Field(32, ge=1)
     max_aspect: float = Field(20.0, ge=1.0)
     reencode_jpeg_quality: int = Field(95, ge=50, le=100)
+    # "jpg": one image format per shard (stock webdataset decoders expect it; upright RGB JPEGs stay
+    # byte-identical, everything else is re-encoded). "keep": lossless sources are stored as PNG.
+    output_format: Literal["jpg", "keep"] = "jpg"
     resources: Resources = Resources(batch_size=16, num_cpus=0.25)
 
 

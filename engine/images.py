@@ -28,6 +28,7 @@ class DecodeLimits:
     min_side: int
     max_aspect: float
     jpeg_quality: int = 95
+    keep_lossless: bool = False
 
 
 @dataclass
@@ -97,7 +98,10 @@ def open_image(data: bytes, limits: DecodeLimits) -> OpenedImage:
 
 
 def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
-    """Validate and normalise; bytes stay untouched when the source is already an upright RGB JPEG/PNG."""
+    """Validate and normalise; bytes stay untouched when the source is already an upright RGB JPEG.
+
+    Other images are re-encoded as JPEG, or as PNG when `keep_lossless` and the source was lossless.
+    """
     opened = open_image(data, limits)
     source, fmt = opened.image, opened.format
     width, height = source.size
@@ -105,11 +109,12 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
         raise ImageRejected(f"too small: {width}x{height} < decode.min_side={limits.min_side}")
     if max(width, height) / min(width, height) > limits.max_aspect:
         raise ImageRejected(f"extreme aspect ratio: {width}x{height} > decode.max_aspect={limits.max_aspect}")
-    if fmt in ("JPEG", "PNG") and source.mode == "RGB" and opened.orientation in (0, 1):
+    upright_rgb = source.mode == "RGB" and opened.orientation in (0, 1)
+    if upright_rgb and (fmt == "JPEG" or (fmt == "PNG" and limits.keep_lossless)):
         return DecodedImage(data, "jpg" if fmt == "JPEG" else "png", width, height, reencoded=False)
     rgb = _to_rgb(source)
     buffer = io.BytesIO()
-    if fmt in LOSSLESS_FORMATS:
+    if fmt in LOSSLESS_FORMATS and limits.keep_lossless:
         rgb.save(buffer, format="PNG", optimize=False)
         ext = "png"
     else:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from engine.config import ModelRef
 from engine.tiny_models import resolve_model
@@ -28,6 +29,11 @@ def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def quiet_loading() -> None:
+    """Per-file progress bars of every actor's model load drown the run's own progress in the logs."""
+    hf_logging.disable_progress_bar()
+
+
 def pretrained_kwargs(ref: ModelRef) -> dict[str, Any]:
     """Keyword arguments every `from_pretrained` call of this model gets."""
     kwargs: dict[str, Any] = {"trust_remote_code": ref.trust_remote_code}
@@ -38,6 +44,7 @@ def pretrained_kwargs(ref: ModelRef) -> dict[str, Any]:
 
 def load_model(auto_class: Any, ref: ModelRef) -> tuple[Any, torch.device]:
     """Instantiate `auto_class.from_pretrained(ref)` in eval mode on the configured device and dtype."""
+    quiet_loading()
     device = pick_device(ref.device)
     dtype = pick_dtype(ref.dtype, device)
     model = auto_class.from_pretrained(resolve_model(ref.name), dtype=dtype, **pretrained_kwargs(ref))
@@ -45,6 +52,7 @@ def load_model(auto_class: Any, ref: ModelRef) -> tuple[Any, torch.device]:
 
 
 def load_processor(auto_class: Any, ref: ModelRef, **kwargs: Any) -> Any:
+    quiet_loading()
     return auto_class.from_pretrained(resolve_model(ref.name), **pretrained_kwargs(ref), **kwargs)
 
 

@@ -48,6 +48,7 @@ class Decode:
             min_side=cfg.min_side,
             max_aspect=cfg.max_aspect,
             jpeg_quality=cfg.reencode_jpeg_quality,
+            keep_lossless=cfg.output_format == "keep",
         )
         if claim is None:
             if registry_name is None:

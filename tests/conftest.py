@@ -11,3 +11,50 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "fixture100"
+SCRIPT = ROOT / "pipelines" / "rexverse2m.py"
+FIXTURE_CONFIG = ROOT / "configs" / "fixture.yaml"
+
+
+@pytest.fixture(scope="session")
+def engine_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for engine subprocesses: offline, loopback Ray, one tiny-model cache for the session."""
+    env = dict(os.environ)
+    env["REXVERSE_CACHE"] = os.environ.get("REXVERSE_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    env["PYTHONPATH"] = str(ROOT)
+    env["RAY_DEDUP_LOGS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def input_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The 100 fixture images plus every kind of bad input (truncated, empty, non-image, bomb, duplicate)."""
+    from pipelines.make_fixture import write_bad_inputs
+
+    folder = tmp_path_factory.mktemp("inputs")
+    for path in FIXTURE.iterdir():
+        shutil.copy(path, folder / path.name)
+    bad = write_bad_inputs(folder / "bad", FIXTURE / "scene_000.jpg")
+    return folder, bad
+
+
+def run_engine(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run pipelines/rexverse2m.py as a user would; fail the test with its output if it fails."""
+    command = [sys.executable, str(SCRIPT), "--config", str(FIXTURE_CONFIG), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, f"engine failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def fixture_run(tmp_path_factory, engine_env, input_dir):
+    """One full Ray run over the fixture + bad inputs, shared by the end-to-end assertions."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    done = run_engine(["--input", str(input_dir[0]), "--output", str(out)], engine_env)
+    return out, done

@@ -10,7 +10,7 @@ from engine.images import DecodeLimits, ImageRejected, decode
 from pipelines.make_fixture import write_bad_inputs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
-LIMITS = DecodeLimits(max_bytes=1 << 24, max_pixels=20_000_000, min_side=32, max_aspect=20)
+LIMITS = DecodeLimits(max_bytes=1 << 24, max_pixels=20_000_000, min_side=32, max_aspect=20, keep_lossless=True)
 
 
 def test_plain_rgb_jpeg_is_kept_byte_for_byte():
@@ -37,6 +37,14 @@ def test_odd_images_become_upright_rgb(name, size, ext):
     assert out.reencoded and out.ext == ext
     assert image.mode == "RGB" and image.size == size == (out.width, out.height)
     assert image.getexif().get(0x0112, 1) == 1
+
+
+def test_default_output_is_jpeg_only():
+    limits = DecodeLimits(max_bytes=1 << 24, max_pixels=20_000_000, min_side=32, max_aspect=20)
+    png = next(FIXTURE.glob("scene_*.png"))
+    out = decode(png.read_bytes(), limits)
+    assert out.ext == "jpg" and out.reencoded and out.data[:2] == b"\xff\xd8"
+    assert decode(png.read_bytes(), LIMITS).data == png.read_bytes()  # keep_lossless keeps PNG bytes
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
