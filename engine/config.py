@@ -157,7 +157,7 @@ class StagesConfig(Strict):
 
 
 class RayConfig(Strict):
-    """Where and how Ray runs. `address: null` uses $RAY_ADDRESS (set by `ray job submit`) or starts a local Ray."""
+    """Where and how Ray runs: `address: null` uses $RAY_ADDRESS (`ray job submit` sets it) or a local Ray."""
 
     address: str | None = None
     num_cpus: int | None = None

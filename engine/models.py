@@ -1,4 +1,4 @@
-"""Load models the same way everywhere: a hub id, a local folder or `tiny:<name>`, on the configured device."""
+"""Load models one way everywhere: a hub id, a local folder or `tiny:<name>`, on the configured device."""
 
 from __future__ import annotations
 

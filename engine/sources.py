@@ -40,7 +40,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One image to read: `path` is a file, or a tar when `offset >= 0` (member bytes at offset..offset+size)."""
+    """One image to read: `path` is a file, or a tar when `offset >= 0` (member at offset, size bytes)."""
 
     uri: str
     dataset: str

@@ -114,7 +114,10 @@ def ordered(names: Any) -> list[str]:
 
 def format_table(stats: RunStats) -> str:
     """A fixed-width per-stage summary for the terminal."""
-    header = f"{'stage':<15}{'in':>7}{'out':>7}{'units in':>10}{'units out':>10}{'seconds':>10}  dropped/rejected by reason"
+    header = (
+        f"{'stage':<15}{'in':>7}{'out':>7}{'units in':>10}{'units out':>10}{'seconds':>10}"
+        "  dropped/rejected by reason"
+    )
     lines = [header, "-" * len(header)]
     for name in ordered(stats.stages):
         s = stats.stages[name]

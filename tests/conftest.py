@@ -48,7 +48,9 @@ def run_engine(args: list[str], env: dict[str, str], timeout: float = 600) -> su
     """Run pipelines/rexverse2m.py as a user would; fail the test with its output if it fails."""
     command = [sys.executable, str(SCRIPT), "--config", str(FIXTURE_CONFIG), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert done.returncode == 0, f"engine failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, (
+        f"engine failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    )
     return done
 
 

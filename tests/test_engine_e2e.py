@@ -1,4 +1,4 @@
-"""End-to-end: the fixture (+ bad inputs) through the whole engine on an embedded Ray, read back with stock readers."""
+"""End-to-end: fixture + bad inputs through the whole engine on an embedded Ray, read with stock readers."""
 
 import io
 import json
@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import webdataset as wds
+from conftest import FIXTURE_CONFIG, ROOT, SCRIPT, run_engine
 from PIL import Image
 
-from conftest import FIXTURE_CONFIG, ROOT, SCRIPT, run_engine
 from engine.stats import STAGE_ORDER
 from schemas import validate
 
@@ -28,7 +28,10 @@ def n_inputs(input_dir) -> int:
 
 def shard_records(out: Path) -> list[dict]:
     urls = [str(p) for p in sorted((out / "shards").glob("*.tar"))]
-    return [json.loads(sample["json"]) | {"_sample": sample} for sample in wds.WebDataset(urls, shardshuffle=False)]
+    return [
+        json.loads(sample["json"]) | {"_sample": sample}
+        for sample in wds.WebDataset(urls, shardshuffle=False)
+    ]
 
 
 def test_counts_add_up_and_every_stage_processed_items(fixture_run, input_dir):
@@ -129,7 +132,12 @@ def test_killed_run_resumes_to_the_same_keys(fixture_run, input_dir, engine_env,
     command = [sys.executable, str(SCRIPT), "--config", str(FIXTURE_CONFIG), "--input", str(input_dir[0])]
     command += ["--output", str(out), "--set", "sink.shard_size=5", "--quiet"]
     proc = subprocess.Popen(
-        command, env=engine_env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command,
+        env=engine_env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 600
@@ -146,7 +154,9 @@ def test_killed_run_resumes_to_the_same_keys(fixture_run, input_dir, engine_env,
             pass
     assert not (out / "manifest.json").exists(), "the kill came after the run finished; nothing was tested"
     partial = pd.read_parquet(out / "index") if list((out / "index").glob("*.parquet")) else None
-    done = run_engine(["--input", str(input_dir[0]), "--output", str(out), "--set", "sink.shard_size=5"], engine_env)
+    done = run_engine(
+        ["--input", str(input_dir[0]), "--output", str(out), "--set", "sink.shard_size=5"], engine_env
+    )
     assert "already committed" in done.stderr
     resumed, reference = pd.read_parquet(out / "index"), pd.read_parquet(full / "index")
     assert resumed["key"].is_unique

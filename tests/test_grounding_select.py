@@ -40,7 +40,10 @@ def test_text_threshold_uses_the_mean_over_the_phrase_tokens():
     probs[0, [1, 2, 3]] = torch.tensor([0.9, 0.0, 0.0])  # one word of a three-word phrase
     pred = boxes([0.5, 0.5, 0.2, 0.2])
     assert select_boxes(probs, pred, [[1, 2, 3]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.35)) == []
-    assert len(select_boxes(probs, pred, [[1, 2, 3]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.25))) == 1
+    assert (
+        len(select_boxes(probs, pred, [[1, 2, 3]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.25)))
+        == 1
+    )
 
 
 def test_nms_is_per_phrase_and_caps_apply():
@@ -48,13 +51,17 @@ def test_nms_is_per_phrase_and_caps_apply():
     probs[:, 1] = torch.tensor([0.9, 0.8, 0.0, 0.0])  # two overlapping boxes of phrase 0
     probs[:, 4] = torch.tensor([0.0, 0.0, 0.85, 0.6])  # phrase 1: same place as phrase 0, plus another
     pred = boxes([0.5, 0.5, 0.4, 0.4], [0.51, 0.5, 0.4, 0.4], [0.5, 0.5, 0.4, 0.4], [0.2, 0.2, 0.1, 0.1])
-    regions = select_boxes(probs, pred, [[1], [4]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.0, nms_iou=0.5))
+    regions = select_boxes(
+        probs, pred, [[1], [4]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.0, nms_iou=0.5)
+    )
     assert [(r["phrase"], r["score"]) for r in regions] == [(0, 0.9), (1, 0.85), (1, 0.6)]
     capped = select_boxes(
         probs, pred, [[1], [4]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.0, max_boxes_per_phrase=1)
     )
     assert [r["phrase"] for r in capped] == [0, 1]
-    top = select_boxes(probs, pred, [[1], [4]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.0, max_boxes=2))
+    top = select_boxes(
+        probs, pred, [[1], [4]], 100, 100, cfg(box_threshold=0.3, text_threshold=0.0, max_boxes=2)
+    )
     assert len(top) == 2
 
 

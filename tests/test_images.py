@@ -10,7 +10,9 @@ from engine.images import DecodeLimits, ImageRejected, decode
 from pipelines.make_fixture import write_bad_inputs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
-LIMITS = DecodeLimits(max_bytes=1 << 24, max_pixels=20_000_000, min_side=32, max_aspect=20, keep_lossless=True)
+LIMITS = DecodeLimits(
+    max_bytes=1 << 24, max_pixels=20_000_000, min_side=32, max_aspect=20, keep_lossless=True
+)
 
 
 def test_plain_rgb_jpeg_is_kept_byte_for_byte():

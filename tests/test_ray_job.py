@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -43,8 +42,15 @@ def ray_head(engine_env, tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rxray{os.getpid()}"  # Ray's socket paths must stay short
     start = [
-        RAY, "start", "--head", "--num-cpus=2", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+        RAY,
+        "start",
+        "--head",
+        "--num-cpus=2",
+        f"--port={gcs_port}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
@@ -68,10 +74,27 @@ def test_job_submit_runs_the_fixture_on_a_cluster(ray_head, tmp_path):
         }
     }
     submit = [
-        RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
-        "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python", "pipelines/rexverse2m.py", "--config", "configs/fixture.yaml",
-        "--input", str(ROOT / "tests" / "fixtures" / "fixture100"), "--output", str(out), "--limit", "16", "--quiet",
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        dashboard,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "pipelines/rexverse2m.py",
+        "--config",
+        "configs/fixture.yaml",
+        "--input",
+        str(ROOT / "tests" / "fixtures" / "fixture100"),
+        "--output",
+        str(out),
+        "--limit",
+        "16",
+        "--quiet",
     ]
     start = time.time()
     done = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=800)

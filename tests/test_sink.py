@@ -1,4 +1,4 @@
-"""Shard sink: atomic parts, readers, rejects, duplicate keys, clean-up of an interrupted part, resume state."""
+"""Shard sink: atomic parts, readers, rejects, duplicate keys, interrupted-part clean-up, resume state."""
 
 import copy
 import hashlib
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import webdataset as wds
+from test_schema import valid_record
 
 from engine.items import Item
 from engine.sink import ShardSink, clean_uncommitted, load_committed, merge_rejects
-from test_schema import valid_record
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
 JPEGS = sorted(FIXTURE.glob("scene_*.jpg"))
@@ -43,7 +43,11 @@ def test_parts_commit_atomically_and_read_back(tmp_path):
     duplicate.uri = duplicate.record["source"]["uri"] = "/in/copy.jpg"
     sink.add(duplicate)
     sink.close()
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["000000.tar", "000001.tar", "000002.tar"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "000000.tar",
+        "000001.tar",
+        "000002.tar",
+    ]
     assert not list((tmp_path / "_tmp").iterdir())
 
     index = pd.read_parquet(tmp_path / "index")
