@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -84,7 +84,8 @@ class PhrasesConfig(Strict):
 
 
 class GroundingConfig(Strict):
-    model: ModelRef
+    model: ModelRef  # for groundingdino-py: tiny:groundingdino-official or a folder with config .py + .pth
+    backend: Literal["transformers", "groundingdino-py"] = "transformers"
     box_threshold: float = Field(0.35, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
     nms_iou: float = Field(0.5, ge=0, le=1)
@@ -146,6 +147,32 @@ class FilterConfig(Strict):
     resources: Resources = Resources()
 
 
+class ProposalsConfig(Strict):
+    """Class-agnostic boxes for ChatRex: OWLv2 objectness, or the grounding detector with a generic prompt."""
+
+    enabled: bool = False
+    backend: Literal["owlv2", "grounding"] = "owlv2"
+    model: ModelRef | None = None
+    query: str = "an object"
+    score_threshold: float = Field(0.1, ge=0, le=1)
+    nms_iou: float = Field(0.5, ge=0, le=1)
+    max_proposals: int = Field(100, ge=1)
+    min_side: float = Field(4.0, ge=0)
+    max_image_side: int = Field(1008, ge=32)
+    resources: Resources = Resources()
+
+
+class SegmentConfig(Strict):
+    """SAM 2 masks from region boxes: transformers Sam2Model, or the official `sam2` package."""
+
+    enabled: bool = False
+    backend: Literal["transformers", "sam2"] = "transformers"
+    model: ModelRef | None = None
+    box_margin: float = Field(0.1, ge=0, le=1)
+    images_per_call: int = Field(4, ge=1)
+    resources: Resources = Resources()
+
+
 class StagesConfig(Strict):
     caption: CaptionConfig
     phrases: PhrasesConfig = PhrasesConfig()
@@ -154,6 +181,16 @@ class StagesConfig(Strict):
     region_caption: RegionCaptionConfig
     refine: RefineConfig
     filter: FilterConfig
+    proposals: ProposalsConfig = ProposalsConfig()
+    segment: SegmentConfig = SegmentConfig()
+
+    @model_validator(mode="after")
+    def _enabled_stages_name_a_model(self) -> StagesConfig:
+        for name in ("proposals", "segment"):
+            stage = getattr(self, name)
+            if stage.enabled and stage.model is None:
+                raise ValueError(f"stages.{name} is enabled but names no model (stages.{name}.model.name)")
+        return self
 
 
 class RayConfig(Strict):

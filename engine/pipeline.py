@@ -43,7 +43,7 @@ def stage_specs(cfg: EngineConfig) -> list[tuple[type, Any]]:
     from stages.region_caption import RegionCaption
 
     s = cfg.stages
-    return [
+    specs: list[tuple[type, Any]] = [
         (Caption, s.caption),
         (Phrases, s.phrases),
         (Grounding, s.grounding),
@@ -52,6 +52,15 @@ def stage_specs(cfg: EngineConfig) -> list[tuple[type, Any]]:
         (Refine, s.refine),
         (Filter, s.filter),
     ]
+    if s.proposals.enabled:
+        from stages.proposals import Proposals
+
+        specs.append((Proposals, s.proposals))
+    if s.segment.enabled:
+        from stages.segment import Segment
+
+        specs.append((Segment, s.segment))
+    return specs
 
 
 def prepare_output(out: Path, cfg: EngineConfig, overwrite: bool) -> None:

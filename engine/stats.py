@@ -13,7 +13,18 @@ from typing import Any
 
 from engine.items import Item
 
-STAGE_ORDER = ("decode", "caption", "phrases", "grounding", "box_rules", "region_caption", "refine", "filter")
+STAGE_ORDER = (
+    "decode",
+    "caption",
+    "phrases",
+    "grounding",
+    "box_rules",
+    "region_caption",
+    "refine",
+    "filter",
+    "proposals",
+    "segment",
+)
 
 
 def reason_kind(reason: str) -> str:

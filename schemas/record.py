@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
-SUPPORTED_VERSIONS = ("1.0",)
+SCHEMA_VERSION = "1.1"  # 1.1: proposals {box, score}, region masks (COCO RLE) with scores.mask
+SUPPORTED_VERSIONS = ("1.0", "1.1")  # 1.0 records are 1.1 records without proposals or masks
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -182,6 +182,8 @@ def validate(data: dict[str, Any]) -> list[str]:
         problem = _box_problem(box, width, height)
         if problem:
             errors.append(f"proposals[{i}].box {problem}")
+        elif not _is_number(prop.get("score")):
+            errors.append(f"proposals[{i}].score must be a finite number")
     for i, drop in enumerate(data.get("dropped", [])):
         if not (isinstance(drop, dict) and _is_text(drop.get("stage")) and _is_text(drop.get("reason"))):
             errors.append(f"dropped[{i}] needs stage and reason")
@@ -237,7 +239,9 @@ def _validate_regions(regions: Any, n_phrases: int, width: int, height: int) -> 
             if not _is_text(r.get(name)):
                 errors.append(f"regions[{i}].{name} must be a non-empty string")
         mask = r.get("mask")
-        if mask is not None and list(mask.get("size", [])) != [height, width]:
+        if mask is not None and not (isinstance(mask, dict) and _is_text(mask.get("counts"))):
+            errors.append(f"regions[{i}].mask must be a COCO RLE {{size, counts}} or null")
+        elif mask is not None and list(mask.get("size", [])) != [height, width]:
             errors.append(f"regions[{i}].mask.size must be [height, width] = [{height}, {width}]")
     return errors
 
@@ -277,6 +281,7 @@ _REGION_TYPE = pa.struct(
     ]
 )
 _PHRASE_TYPE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+_PROPOSAL_TYPE = pa.struct([("box", pa.list_(pa.float32(), 4)), ("score", pa.float32())])
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -292,6 +297,7 @@ INDEX_SCHEMA = pa.schema(
         ("caption_model", pa.string()),
         ("phrases", pa.list_(_PHRASE_TYPE)),
         ("regions", pa.list_(_REGION_TYPE)),
+        ("proposals", pa.list_(_PROPOSAL_TYPE)),
         ("num_regions", pa.int32()),
         ("num_proposals", pa.int32()),
         ("num_dropped", pa.int32()),
@@ -335,6 +341,10 @@ def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
                 "has_mask": r.get("mask") is not None,
             }
             for r in record["regions"]
+        ],
+        "proposals": [
+            {"box": [float(v) for v in p["box"]], "score": float(p["score"])}
+            for p in record.get("proposals", [])
         ],
         "num_regions": len(record["regions"]),
         "num_proposals": len(record.get("proposals", [])),

@@ -16,13 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-from engine.config import GroundingConfig
+from engine.config import GroundingConfig, ModelRef
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import load_model, load_processor
+from engine.models import load_model, load_processor, pick_device
 from stages.base import Stage
 
 
@@ -90,40 +91,66 @@ def select_boxes(
     return regions
 
 
+class HFGroundingDino:
+    """transformers Grounding DINO behind one call: (images, prompts) -> token probs, boxes, token offsets."""
+
+    def __init__(self, ref: ModelRef) -> None:
+        self.processor = load_processor(AutoProcessor, ref)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "right"  # token positions must match the unpadded prompt
+        self.model, self.device = load_model(AutoModelForZeroShotObjectDetection, ref)
+        self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
+
+    def offsets(self, prompt: str) -> list[tuple[int, int]]:
+        return [tuple(o) for o in self.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]]
+
+    @torch.inference_mode()
+    def __call__(
+        self, images: list[Image.Image], prompts: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        outputs = self.model(**inputs.to(self.device))
+        probs = outputs.logits.sigmoid().float().cpu()
+        return probs, outputs.pred_boxes.float().cpu(), [self.offsets(p) for p in prompts]
+
+
+def make_detector(ref: ModelRef, backend: str) -> Any:
+    """The configured Grounding DINO implementation (both give the same outputs to `select_boxes`)."""
+    if backend == "groundingdino-py":
+        from stages.backends.groundingdino_py import GroundingDinoPy, resolve_official_grounding
+
+        config_path, checkpoint_path, bert_path = resolve_official_grounding(ref.name)
+        return GroundingDinoPy(config_path, checkpoint_path, bert_path, device=str(pick_device(ref.device)))
+    return HFGroundingDino(ref)
+
+
 class Grounding(Stage):
     name = "grounding"
 
     def __init__(self, cfg: GroundingConfig) -> None:
         super().__init__(cfg)
-        self.processor = load_processor(AutoProcessor, cfg.model)
-        self.processor.tokenizer.padding_side = "right"  # token positions must match the unpadded prompt
-        self.model, self.device = load_model(AutoModelForZeroShotObjectDetection, cfg.model)
-        self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
+        self.detector = make_detector(cfg.model, cfg.backend)
 
-    def _fit_prompt(self, item: Item) -> tuple[str, list[list[int]]]:
-        """Prompt and phrase token positions; phrases past the text encoder's length are dropped."""
+    def _fit_prompt(self, item: Item) -> tuple[str, list[tuple[int, int]]]:
+        """Prompt and phrase spans; phrases past the text encoder's length are dropped."""
         phrases = [p["text"] for p in item.record["phrases"]]
         while True:
             prompt, spans = build_prompt(phrases)
-            encoded = self.processor.tokenizer(prompt, return_offsets_mapping=True)
-            if len(encoded["input_ids"]) <= self.max_text_len or len(phrases) <= 1:
+            if len(self.detector.offsets(prompt)) <= self.detector.max_text_len or len(phrases) <= 1:
                 break
             phrases = phrases[:-1]
         for p in item.record["phrases"][len(phrases) :]:
             item.drop(self.name, f"phrase '{p['text']}'", "beyond the detector's text length")
-        return prompt, phrase_token_indices(encoded["offset_mapping"], spans)
+        return prompt, spans
 
-    @torch.inference_mode()
     def process(self, items: list[Item]) -> None:
         images = [load_rgb(item.image, self.cfg.max_image_side) for item in items]
-        prompts, tokens = zip(*(self._fit_prompt(item) for item in items), strict=True)
-        inputs = self.processor(images=images, text=list(prompts), padding=True, return_tensors="pt")
-        outputs = self.model(**inputs.to(self.device))
-        probs = outputs.logits.sigmoid().float().cpu()
-        boxes = outputs.pred_boxes.float().cpu()
+        prompts, spans = zip(*(self._fit_prompt(item) for item in items), strict=True)
+        probs, boxes, offsets = self.detector(images, list(prompts))
         for i, item in enumerate(items):
+            tokens = phrase_token_indices(offsets[i], spans[i])
             regions = select_boxes(
-                probs[i], boxes[i], tokens[i], item.record["width"], item.record["height"], self.cfg
+                probs[i], boxes[i], tokens, item.record["width"], item.record["height"], self.cfg
             )
             for region_id, region in enumerate(regions):
                 region["id"] = region_id

@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
 from conftest import FIXTURE_CONFIG, ROOT, SCRIPT, run_engine
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from engine.stats import STAGE_ORDER
 from schemas import validate
@@ -32,6 +34,25 @@ def shard_records(out: Path) -> list[dict]:
         json.loads(sample["json"]) | {"_sample": sample}
         for sample in wds.WebDataset(urls, shardshuffle=False)
     ]
+
+
+def check_masks_and_proposals(record: dict, margin: float = 0.1) -> None:
+    """Masks decode to the image size and lie inside their box (+ margin); proposals lie inside the image."""
+    width, height = record["width"], record["height"]
+    for region in record["regions"]:
+        if region["mask"] is None:
+            continue
+        rle = {"size": region["mask"]["size"], "counts": region["mask"]["counts"].encode()}
+        mask = mask_utils.decode(rle)
+        assert mask.shape == (height, width) and mask.any()
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = region["box"]
+        dx, dy = (x1 - x0) * margin + 1, (y1 - y0) * margin + 1
+        assert x0 - dx <= xs.min() and xs.max() <= x1 + dx and y0 - dy <= ys.min() and ys.max() <= y1 + dy
+        assert np.isfinite(region["scores"]["mask"])  # the predicted IoU
+    for proposal in record["proposals"]:
+        x0, y0, x1, y1 = proposal["box"]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and np.isfinite(proposal["score"])
 
 
 def test_counts_add_up_and_every_stage_processed_items(fixture_run, input_dir):
@@ -83,6 +104,9 @@ def test_every_record_validates_and_matches_its_image_and_index(fixture_run):
             assert "," not in region["referring"]
         spans = record["grounded_caption"]["spans"]
         assert {rid for s in spans for rid in s["regions"]} == {r["id"] for r in record["regions"]}
+        check_masks_and_proposals(record)
+    assert sum(r["mask"] is not None for rec in records for r in rec["regions"]) > 0
+    assert sum(len(rec["proposals"]) for rec in records) > 0
     exif = [r for r in records if r["source"]["uri"].endswith("odd_exif_rot6.jpg")]
     assert not exif or (exif[0]["width"], exif[0]["height"]) == (400, 300)
 

@@ -1,5 +1,6 @@
 """The fixture job submitted to a real (local, loopback) Ray head with `ray job submit --working-dir .`."""
 
+import ipaddress
 import json
 import os
 import socket
@@ -30,8 +31,14 @@ def non_loopback_listeners(marker: str) -> list[str]:
     return [
         f"{c.pid}:{c.laddr.ip}:{c.laddr.port}"
         for c in psutil.net_connections(kind="inet")
-        if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.ip not in ("127.0.0.1", "::1")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids and not is_loopback(c.laddr.ip)
     ]
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ def valid_record() -> dict:
     caption = "A red ball next to a blue box."
     return {
         "key": KEY,
-        "schema_version": "1.0",
+        "schema_version": "1.1",
         "source": {"uri": "/data/x.jpg", "dataset": "t"},
         "width": 100,
         "height": 80,
@@ -85,7 +85,10 @@ def test_valid_record_passes_and_round_trips_through_typed_objects():
         (lambda r: r["regions"][1].update(id=0), "unique int"),
         (lambda r: r["regions"][0].update(phrase=7), "not a phrase index"),
         (lambda r: r["grounded_caption"]["spans"][0].update(regions=[42]), "existing regions"),
-        (lambda r: r["regions"][0].update(mask={"size": [1, 1], "counts": ""}), "mask.size"),
+        (lambda r: r["regions"][0].update(mask={"size": [1, 1], "counts": "PP1"}), "mask.size"),
+        (lambda r: r["regions"][0].update(mask={"size": [80, 100]}), "COCO RLE"),
+        (lambda r: r.update(proposals=[{"box": [0, 0, 101, 10], "score": 0.5}]), "proposals[0].box"),
+        (lambda r: r.update(proposals=[{"box": [0, 0, 10, 10]}]), "proposals[0].score"),
         (lambda r: r.update(image_ext="gif"), "image_ext"),
         (lambda r: r["caption"].update(text=""), "caption.text"),
     ],
@@ -104,3 +107,10 @@ def test_unknown_schema_version_names_the_version():
     record["schema_version"] = "9.9"
     (error,) = validate(record)
     assert "'9.9'" in error and "upgrade" in error
+
+
+def test_version_1_0_records_still_read():
+    record = valid_record()
+    record["schema_version"] = "1.0"
+    assert validate(record) == []
+    assert Record.from_dict(record).schema_version == "1.0"

@@ -1,0 +1,95 @@
+"""Class-agnostic proposal boxes per image, the candidates ChatRex picks indices from.
+
+The paper trains its own proposal network; we use an open model: OWLv2's objectness head (transformers,
+default), or the grounding detector prompted with a generic query. Boxes pass a score threshold, NMS, a
+minimum size and a cap, and are stored in the record's `proposals` as {box, score}, best first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.ops import box_convert, nms
+from transformers import AutoProcessor, Owlv2ForObjectDetection
+
+from engine.config import ProposalsConfig
+from engine.images import load_rgb
+from engine.items import Item
+from engine.models import load_model, load_processor
+from stages.base import Stage
+from stages.grounding import make_detector
+
+
+def select_proposals(
+    scores: torch.Tensor, boxes_xyxy: torch.Tensor, width: int, height: int, cfg: ProposalsConfig
+) -> list[dict[str, Any]]:
+    """Threshold, clip, size rule, NMS and cap; boxes are absolute xyxy of the image."""
+    boxes = boxes_xyxy.float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    sides = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    keep = (scores >= cfg.score_threshold) & (sides >= max(cfg.min_side, 1e-3))
+    boxes, scores = boxes[keep], scores[keep].float()
+    order = nms(boxes, scores, cfg.nms_iou)[: cfg.max_proposals]
+    return [
+        {"box": [round(float(v), 2) for v in boxes[i]], "score": round(float(scores[i]), 4)}
+        for i in order.tolist()
+    ]
+
+
+class Owlv2Objectness:
+    """OWLv2 objectness: scores and boxes of every query patch, independent of the text query."""
+
+    def __init__(self, cfg: ProposalsConfig) -> None:
+        self.processor = load_processor(AutoProcessor, cfg.model)
+        self.model, self.device = load_model(Owlv2ForObjectDetection, cfg.model)
+        self.query = cfg.query
+
+    @torch.inference_mode()
+    def __call__(self, images: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        inputs = self.processor(text=[[self.query]] * len(images), images=images, return_tensors="pt")
+        outputs = self.model(**inputs.to(self.device))
+        scores = outputs.objectness_logits.sigmoid().float().cpu()
+        boxes = box_convert(outputs.pred_boxes.float().cpu(), "cxcywh", "xyxy")
+        # OWLv2 pads each image to a square at the bottom/right: boxes are relative to the padded side
+        sides = torch.tensor([max(image.size) for image in images], dtype=torch.float32)
+        return [(scores[i], boxes[i] * sides[i]) for i in range(len(images))]
+
+
+class GenericPromptDetector:
+    """The grounding detector with one generic prompt; a box's score is its best prompt-token probability."""
+
+    def __init__(self, cfg: ProposalsConfig, backend: str = "transformers") -> None:
+        self.detector = make_detector(cfg.model, backend)
+        self.prompt = cfg.query.strip().lower().rstrip(".") + "."
+
+    def __call__(self, images: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        probs, boxes, offsets = self.detector(images, [self.prompt] * len(images))
+        tokens = [t for t, (a, b) in enumerate(offsets[0]) if b > a]
+        result = []
+        for i, image in enumerate(images):
+            scale = torch.tensor([image.width, image.height, image.width, image.height], dtype=torch.float32)
+            result.append(
+                (probs[i][:, tokens].max(dim=1).values, box_convert(boxes[i], "cxcywh", "xyxy") * scale)
+            )
+        return result
+
+
+class Proposals(Stage):
+    name = "proposals"
+    unit = "proposals"
+
+    def __init__(self, cfg: ProposalsConfig) -> None:
+        super().__init__(cfg)
+        self.model = Owlv2Objectness(cfg) if cfg.backend == "owlv2" else GenericPromptDetector(cfg)
+
+    def process(self, items: list[Item]) -> None:
+        images = [load_rgb(item.image, self.cfg.max_image_side) for item in items]
+        for item, image, (scores, boxes) in zip(items, images, self.model(images), strict=True):
+            width, height = item.record["width"], item.record["height"]
+            boxes = boxes * torch.tensor(
+                [width / image.width, height / image.height] * 2
+            )  # back to full size
+            item.record["proposals"] = select_proposals(scores, boxes, width, height, self.cfg)
