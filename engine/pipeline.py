@@ -74,7 +74,13 @@ def prepare_output(out: Path, cfg: EngineConfig, overwrite: bool) -> None:
         raise OutputError(f"{out} is not empty and not a Rexverse output; choose another --output")
     manifest = out / "manifest.json"
     if manifest.exists() and any((out / "_commits").glob("*.json")):
-        old = json.loads(manifest.read_text()).get("config_hash")
+        written = json.loads(manifest.read_text())
+        if written.get("schema_version") != SCHEMA_VERSION:
+            raise OutputError(
+                f"{out} holds records of schema {written.get('schema_version')}, this Rexverse writes "
+                f"{SCHEMA_VERSION}; one output keeps one version: choose a new --output (old shards stay readable)"
+            )
+        old = written.get("config_hash")
         if old and old != cfg.content_hash():
             raise OutputError(
                 f"{out} was written with a different config (hash {old}, now {cfg.content_hash()}): models, "
