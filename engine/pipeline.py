@@ -78,7 +78,7 @@ def prepare_output(out: Path, cfg: EngineConfig, overwrite: bool) -> None:
         if written.get("schema_version") != SCHEMA_VERSION:
             raise OutputError(
                 f"{out} holds records of schema {written.get('schema_version')}, this Rexverse writes "
-                f"{SCHEMA_VERSION}; one output keeps one version: choose a new --output (old shards stay readable)"
+                f"{SCHEMA_VERSION}; an output keeps one version: pick a new --output (old shards still read)"
             )
         old = written.get("config_hash")
         if old and old != cfg.content_hash():
