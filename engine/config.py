@@ -152,6 +152,7 @@ class ProposalsConfig(Strict):
 
     enabled: bool = False
     backend: Literal["owlv2", "grounding"] = "owlv2"
+    detector_backend: Literal["transformers", "groundingdino-py"] = "transformers"  # for backend: grounding
     model: ModelRef | None = None
     query: str = "an object"
     score_threshold: float = Field(0.1, ge=0, le=1)

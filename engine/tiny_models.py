@@ -15,6 +15,11 @@ What callers can rely on (the tests check each):
 - grounding-dino: 30 queries, `max_text_len` 256, lowercase WordPiece over the corpus words (+ letters).
 - siglip, clip, owlv2: call processors with `padding="max_length", truncation=True`; EOS is the top id.
 - sam2: 128 px input, box prompts, 32x32 low-res masks.
+- sam2-official (the `sam2` package): `checkpoint.pt` ({"model": state_dict}) + `build.json` with the hydra
+  config name and overrides that rebuild it; 128 px input.
+- groundingdino-official (`groundingdino-py`): SLConfig `GroundingDINO_tiny.py`, `groundingdino_tiny.pth`
+  (float16 weights under "model") and the text encoder in `bert/`; 30 queries. Load it with
+  `stages.backends.groundingdino_py`, which knows the config's `rexverse_swin` sizes.
 Weights are random: scores and boxes mean nothing, only shapes, dtypes and code paths do.
 """
 
@@ -36,13 +41,19 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = ["TINY_PREFIX", "available", "cache_root", "ensure_tiny_model", "main", "resolve_model"]
 
 TINY_PREFIX = "tiny:"
 
 _CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
+_REPO = Path(__file__).resolve().parents[1]
+# Builders that also depend on other packages and repository files: a change there means a new folder.
+_EXTRA_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "sam2-official": (("sam2",), ()),
+    "groundingdino-official": (("groundingdino-py",), ("stages/backends/groundingdino_py.py",)),
+}
 _SEED = 0
 # Model init draws from torch's global RNG: two threads building at once would interleave their draws.
 # Re-entrant so that nothing breaks if a builder ever resolves another tiny model.
@@ -148,6 +159,11 @@ def _spec_hash(name: str) -> str:
     h.update(_CORPUS_PATH.read_bytes())
     for dist in ("torch", "transformers", "tokenizers", "safetensors"):
         h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    dists, files = _EXTRA_DEPS.get(name, ((), ()))
+    for dist in dists:
+        h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    for rel in files:
+        h.update((_REPO / rel).read_bytes())
     return h.hexdigest()[:10]
 
 
@@ -240,6 +256,31 @@ def _word_only_lm_head(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
 
 def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     return {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+
+
+def _wordpiece_vocab() -> list[str]:
+    """BERT specials, punctuation, then single letters and ##letters (so an unseen word splits instead of
+    becoming [UNK]), then the corpus words."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *".,;:?!'-()",
+        *letters,
+        *(f"##{c}" for c in letters),
+    ]
+    return pieces + [w for w in _corpus_words() if w not in pieces]
+
+
+def _wordpiece_tokenizer(vocab: list[str]) -> PreTrainedTokenizerBase:
+    """Lowercase WordPiece over `vocab`, right padding (token positions match the unpadded prompt)."""
+    from transformers import BertTokenizer
+
+    # BertTokenizer(vocab=dict) is honoured; BertTokenizerFast(vocab_file=...) was silently ignored here.
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, padding_side="right")
 
 
 # ----------------------------------------------------------------------------------------------- builders
@@ -341,7 +382,6 @@ def _build_grounding_dino(out: Path) -> None:
     """Grounding DINO with a tiny Swin backbone and a tiny BERT over a corpus-word WordPiece vocabulary."""
     from transformers import (
         BertConfig,
-        BertTokenizer,
         GroundingDinoConfig,
         GroundingDinoForObjectDetection,
         GroundingDinoImageProcessor,
@@ -349,21 +389,8 @@ def _build_grounding_dino(out: Path) -> None:
         SwinConfig,
     )
 
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    # Whole corpus words, then single letters and ##letters so an unseen word splits instead of [UNK].
-    pieces = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *".,;:?!'-()",
-        *letters,
-        *(f"##{c}" for c in letters),
-    ]
-    vocab = pieces + [w for w in _corpus_words() if w not in pieces]
-    # BertTokenizer(vocab=dict) is honoured; BertTokenizerFast(vocab_file=...) was silently ignored here.
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, padding_side="right")
+    vocab = _wordpiece_vocab()
+    tokenizer = _wordpiece_tokenizer(vocab)
     processor = GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 192}),
         tokenizer=tokenizer,
@@ -590,6 +617,149 @@ def _build_sam2(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+_SAM2_OFFICIAL_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+_SAM2_OFFICIAL_SIZE = 128
+# Hydra overrides on the package's Hiera-T config: 128 px input, a 4-stage Hiera of widths 8-64 with one
+# global-attention block, 32-d prompt/mask/memory features. The SAM mask decoder's own sizes (MLP 2048,
+# 8 heads) are fixed in the package; at 32-d they stay small.
+_SAM2_OFFICIAL_OVERRIDES = [
+    f"++model.image_size={_SAM2_OFFICIAL_SIZE}",
+    "++model.image_encoder.trunk.embed_dim=8",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.d_model=32",
+    "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=32",
+    "++model.memory_attention.d_model=32",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.d_model=32",
+    "++model.memory_attention.layer.dim_feedforward=64",
+    "++model.memory_attention.layer.self_attention.embedding_dim=32",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=32",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+    "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
+    "++model.memory_encoder.out_dim=16",
+    "++model.memory_encoder.in_dim=32",
+    "++model.memory_encoder.mask_downsampler.embed_dim=32",
+    "++model.memory_encoder.position_encoding.num_pos_feats=16",
+    "++model.memory_encoder.fuser.layer.dim=32",
+    "++model.memory_encoder.fuser.num_layers=1",
+    "++model.num_maskmem=2",
+]
+
+
+def _build_sam2_official(out: Path) -> None:
+    """Official-package SAM 2 (`sam2.build_sam.build_sam2`) at 128 px: 8x8 image embedding, 32x32 masks."""
+    import json
+
+    import torch
+    from sam2.build_sam import build_sam2
+
+    with _seeded():
+        model = build_sam2(
+            _SAM2_OFFICIAL_CONFIG,
+            ckpt_path=None,
+            device="cpu",
+            hydra_overrides_extra=list(_SAM2_OFFICIAL_OVERRIDES),
+        )
+    torch.save({"model": model.state_dict()}, out / "checkpoint.pt")
+    spec = {
+        "config": _SAM2_OFFICIAL_CONFIG,
+        "checkpoint": "checkpoint.pt",
+        "hydra_overrides": _SAM2_OFFICIAL_OVERRIDES,
+        "image_size": _SAM2_OFFICIAL_SIZE,
+    }
+    (out / "build.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+
+
+# The package's SwinT_OGC config made small. hidden_dim stays 256: the package hard-codes 256-d sine
+# embeddings of text positions and query boxes. `rexverse_swin` is not a package key: the loader in
+# stages.backends.groundingdino_py builds the Swin backbone with these sizes instead of the swin_T preset.
+_GROUNDINGDINO_TINY_CONFIG = """\
+# Tiny random Grounding DINO for tests (engine/tiny_models.py). Load with stages.backends.groundingdino_py.
+batch_size = 1
+modelname = "groundingdino"
+backbone = "swin_T_224_1k"
+rexverse_swin = dict(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4)
+position_embedding = "sine"
+pe_temperatureH = 20
+pe_temperatureW = 20
+return_interm_indices = [1, 2, 3]
+backbone_freeze_keywords = None
+enc_layers = 1
+dec_layers = 1
+pre_norm = False
+dim_feedforward = 64
+hidden_dim = 256
+dropout = 0.0
+nheads = 8
+num_queries = 30
+query_dim = 4
+num_patterns = 0
+num_feature_levels = 4
+enc_n_points = 1
+dec_n_points = 1
+two_stage_type = "standard"
+two_stage_bbox_embed_share = False
+two_stage_class_embed_share = False
+transformer_activation = "relu"
+dec_pred_bbox_embed_share = True
+dn_box_noise_scale = 1.0
+dn_label_noise_ratio = 0.5
+dn_label_coef = 1.0
+dn_bbox_coef = 1.0
+embed_init_tgt = True
+dn_labelbook_size = 2000
+max_text_len = 256
+text_encoder_type = "bert"  # relative to this file's folder
+use_text_enhancer = True
+use_fusion_layer = True
+use_checkpoint = False
+use_transformer_ckpt = False
+use_text_cross_attention = True
+text_dropout = 0.0
+fusion_dropout = 0.0
+fusion_droppath = 0.0
+sub_sentence_present = True
+"""
+
+
+def _build_groundingdino_official(out: Path) -> None:
+    """groundingdino-py model: 1 encoder + 1 decoder layer at d=256, Swin of widths 8-64, 1-layer BERT.
+
+    d=256 is fixed by the package, so the weights are saved as float16 (load_state_dict casts them back)
+    to keep the folder under 5 MB.
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from stages.backends.groundingdino_py import build_official_model
+
+    vocab = _wordpiece_vocab()
+    bert_config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+    )
+    with _seeded():
+        bert = BertModel(bert_config).eval()
+    bert.save_pretrained(out / "bert")
+    _wordpiece_tokenizer(vocab).save_pretrained(out / "bert")
+    config = out / "GroundingDINO_tiny.py"
+    config.write_text(_GROUNDINGDINO_TINY_CONFIG, encoding="utf-8")
+    with _seeded():
+        model = build_official_model(config, device="cpu")
+    model.half()  # in place, so tied heads keep sharing storage in the saved file
+    torch.save({"model": model.state_dict()}, out / "groundingdino_tiny.pth")
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen2-vl": _build_qwen2_vl,
     "grounding-dino": _build_grounding_dino,
@@ -598,6 +768,8 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "clip": _build_clip,
     "owlv2": _build_owlv2,
     "sam2": _build_sam2,
+    "sam2-official": _build_sam2_official,
+    "groundingdino-official": _build_groundingdino_official,
 }
 
 

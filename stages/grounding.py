@@ -114,13 +114,16 @@ class HFGroundingDino:
         return probs, outputs.pred_boxes.float().cpu(), [self.offsets(p) for p in prompts]
 
 
-def make_detector(ref: ModelRef, backend: str) -> Any:
+def make_detector(ref: ModelRef, backend: str, max_image_side: int = 1333) -> Any:
     """The configured Grounding DINO implementation (both give the same outputs to `select_boxes`)."""
     if backend == "groundingdino-py":
         from stages.backends.groundingdino_py import GroundingDinoPy, resolve_official_grounding
 
         config_path, checkpoint_path, bert_path = resolve_official_grounding(ref.name)
-        return GroundingDinoPy(config_path, checkpoint_path, bert_path, device=str(pick_device(ref.device)))
+        device = str(pick_device(ref.device))
+        return GroundingDinoPy(
+            config_path, checkpoint_path, bert_path, device, max_image_side, min(800, max_image_side)
+        )
     return HFGroundingDino(ref)
 
 
@@ -129,7 +132,7 @@ class Grounding(Stage):
 
     def __init__(self, cfg: GroundingConfig) -> None:
         super().__init__(cfg)
-        self.detector = make_detector(cfg.model, cfg.backend)
+        self.detector = make_detector(cfg.model, cfg.backend, cfg.max_image_side)
 
     def _fit_prompt(self, item: Item) -> tuple[str, list[tuple[int, int]]]:
         """Prompt and phrase spans; phrases past the text encoder's length are dropped."""

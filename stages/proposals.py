@@ -61,8 +61,8 @@ class Owlv2Objectness:
 class GenericPromptDetector:
     """The grounding detector with one generic prompt; a box's score is its best prompt-token probability."""
 
-    def __init__(self, cfg: ProposalsConfig, backend: str = "transformers") -> None:
-        self.detector = make_detector(cfg.model, backend)
+    def __init__(self, cfg: ProposalsConfig) -> None:
+        self.detector = make_detector(cfg.model, cfg.detector_backend, cfg.max_image_side)
         self.prompt = cfg.query.strip().lower().rstrip(".") + "."
 
     def __call__(self, images: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -200,3 +200,29 @@ def test_sequential_mode_gives_valid_records(engine_env, tmp_path):
     rejects = pd.read_parquet(out / "rejects.parquet")
     assert len(records) + len(rejects) == 12
     assert all(validate({k: v for k, v in r.items() if k != "_sample"}) == [] for r in records)
+
+
+ALTERNATIVE_BACKENDS = [
+    "stages.grounding.backend=groundingdino-py",
+    "stages.grounding.model.name=tiny:groundingdino-official",
+    "stages.segment.backend=sam2",
+    "stages.segment.model.name=tiny:sam2-official",
+    "stages.proposals.backend=grounding",
+    "stages.proposals.model.name=tiny:grounding-dino",
+]
+
+
+def test_official_backends_on_ray(engine_env, tmp_path):
+    """groundingdino-py grounding, official sam2 masks and detector proposals, switched on with --set."""
+    out = tmp_path / "alt"
+    fixture = ROOT / "tests" / "fixtures" / "fixture100"
+    args = ["--input", str(fixture), "--output", str(out), "--limit", "16", "--quiet"]
+    run_engine(args + [a for s in ALTERNATIVE_BACKENDS for a in ("--set", s)], engine_env)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["stages"]["segment"]["backend"] == "sam2"
+    assert manifest["stages"]["segment"]["images_in"] > 0 and manifest["stages"]["proposals"]["units_out"] > 0
+    records = [{k: v for k, v in r.items() if k != "_sample"} for r in shard_records(out)]
+    assert records and all(validate(r) == [] for r in records)
+    for record in records:
+        check_masks_and_proposals(record)
+    assert sum(r["mask"] is not None for rec in records for r in rec["regions"]) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[1]
 CORE = ["qwen2-vl", "grounding-dino", "qwen2-lm", "siglip", "clip"]
-EXTRA = ["owlv2", "sam2"]
+EXTRA = ["owlv2", "sam2", "sam2-official", "groundingdino-official"]
 WORDS = set(tiny_models._corpus_words())
 
 
@@ -317,3 +318,58 @@ def test_sam2_box_prompts(cache: Path) -> None:
     masks = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])
     assert [tuple(m.shape) for m in masks] == [(2, 1, 256, 256), (2, 1, 120, 300)]
     assert masks[0].dtype == torch.bool
+
+
+def test_sam2_official_folder_rebuilds_from_build_json(cache: Path) -> None:
+    from sam2.build_sam import build_sam2
+
+    folder = _folder(cache, "sam2-official")
+    assert sorted(p.name for p in folder.iterdir()) == ["build.json", "checkpoint.pt"]
+    spec = json.loads((folder / "build.json").read_text())
+    assert spec["config"] == "configs/sam2.1/sam2.1_hiera_t.yaml" and spec["checkpoint"] == "checkpoint.pt"
+    # build_sam2 loads strictly: any architecture mismatch with the overrides raises here.
+    model = build_sam2(
+        spec["config"],
+        ckpt_path=str(folder / spec["checkpoint"]),
+        device="cpu",
+        hydra_overrides_extra=spec["hydra_overrides"],
+    )
+    assert model.image_size == spec["image_size"] == 128
+    assert model.sam_image_embedding_size == 8 and model.hidden_dim == 32
+
+
+def test_groundingdino_official_folder(cache: Path) -> None:
+    from groundingdino.util.slconfig import SLConfig
+    from transformers import AutoTokenizer, BertConfig
+
+    folder = _folder(cache, "groundingdino-official")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "GroundingDINO_tiny.py",
+        "bert",
+        "groundingdino_tiny.pth",
+    ]
+    cfg = SLConfig.fromfile(str(folder / "GroundingDINO_tiny.py"))
+    assert cfg.text_encoder_type == "bert" and cfg.num_queries == 30 and cfg.hidden_dim == 256
+    assert cfg.rexverse_swin.embed_dim == 8
+    checkpoint = torch.load(folder / "groundingdino_tiny.pth", map_location="cpu", weights_only=True)
+    assert list(checkpoint) == ["model"]
+    weights = checkpoint["model"]
+    assert any(k.startswith("bert.embeddings.") for k in weights)
+    assert any(k.startswith("backbone.0.") for k in weights)
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    assert BertConfig.from_pretrained(folder / "bert").hidden_size == 32
+    tok = AutoTokenizer.from_pretrained(folder / "bert")
+    encoded = tok("red ball. blue square. dog.", return_offsets_mapping=True)
+    assert "[UNK]" not in encoded.tokens() and len(encoded["offset_mapping"]) == len(encoded["input_ids"])
+    assert all(t in tok.get_vocab() for t in ("[CLS]", "[SEP]", ".", "?"))  # Grounding DINO's specials
+
+
+def test_extra_dependencies_change_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builders that use other repository code (the groundingdino-py loader) rebuild when it changes."""
+    dependency = tmp_path / "loader.py"
+    dependency.write_text("a")
+    monkeypatch.setitem(tiny_models._EXTRA_DEPS, "groundingdino-official", ((), (str(dependency),)))
+    before = tiny_models._spec_hash("groundingdino-official")
+    dependency.write_text("b")
+    assert tiny_models._spec_hash("groundingdino-official") != before
+    assert tiny_models._spec_hash("sam2") == tiny_models._spec_hash("sam2")

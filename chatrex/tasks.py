@@ -1,0 +1,162 @@
+"""The ChatRex task mix built from one Rexverse record (paper §4.2, App. B.2).
+
+Input boxes are the record's regions mixed with its class-agnostic proposals, shuffled, at most N (the paper
+mixes ground truth with proposal-network boxes and keeps at most 100); a proposal that duplicates a region
+(IoU above `duplicate_iou`) is left out, or the answer would be ambiguous. Tasks, each a single-turn
+question and answer over those boxes:
+
+- detection: by category (one or several categories in one question) -> indices of all its regions;
+- grounding: by short phrase or by referring expression -> index of that region;
+- region understanding at four granularities, given an index: category, short phrase, referring
+  expression, one-sentence description;
+- brief grounded caption: the caption with its grounded phrases pointing at indices;
+- counting: how many regions of a category, with the grounding.
+
+Question templates are module constants, shared by training and evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision.ops import box_iou
+
+from chatrex.parsing import Grounding, format_answer, format_grounded_text
+
+DETECT_QUESTION = "Detect every {category} in the image."
+DETECT_MANY_QUESTION = "Detect the following objects in the image: {categories}."
+PHRASE_QUESTION = "Find the region that matches this phrase: {phrase}."
+REFER_QUESTION = "Which object is {referring}?"
+REGION_QUESTIONS = {
+    "category": "What is <obj{index}>? Answer with its category name.",
+    "short_phrase": "Describe <obj{index}> with a short phrase.",
+    "referring": "Write a brief referring expression for <obj{index}>.",
+    "description": "Describe <obj{index}> in one sentence.",
+}
+CAPTION_QUESTION = "Briefly describe the image and ground the objects you mention."
+COUNT_QUESTION = "How many {category} are in the image?"
+
+TASKS = ("detect", "detect_many", "phrase", "refer", "region", "caption", "count")
+DEFAULT_WEIGHTS = {
+    "detect": 3.0,
+    "detect_many": 1.0,
+    "phrase": 1.0,
+    "refer": 1.0,
+    "region": 2.0,
+    "caption": 1.0,
+    "count": 0.5,
+}
+
+
+@dataclass
+class InputBoxes:
+    """The boxes shown to the model (absolute xyxy), and where each region landed among them."""
+
+    boxes: list[list[float]]
+    scores: list[float]
+    region_index: dict[int, int]  # region id -> box index
+
+
+@dataclass
+class TaskSample:
+    task: str
+    question: str
+    answer: str
+
+
+def mix_boxes(
+    record: dict[str, Any], max_boxes: int, rng: random.Random, duplicate_iou: float = 0.7
+) -> InputBoxes:
+    """Regions (all, up to `max_boxes`) plus non-duplicate proposals, shuffled; regions never fall out."""
+    regions = list(record.get("regions", []))[:max_boxes]
+    proposals = sorted(record.get("proposals", []), key=lambda p: -p.get("score", 0.0))
+    if regions and proposals:
+        ious = box_iou(torch.tensor([p["box"] for p in proposals]), torch.tensor([r["box"] for r in regions]))
+        proposals = [p for p, row in zip(proposals, ious, strict=True) if float(row.max()) <= duplicate_iou]
+    proposals = proposals[: max(0, max_boxes - len(regions))]
+    entries = [("region", r) for r in regions] + [("proposal", p) for p in proposals]
+    rng.shuffle(entries)
+    region_index = {item["id"]: i for i, (kind, item) in enumerate(entries) if kind == "region"}
+    scores = [float(item.get("score", 1.0)) for _, item in entries]
+    return InputBoxes([list(map(float, item["box"])) for _, item in entries], scores, region_index)
+
+
+def _by_category(record: dict[str, Any], boxes: InputBoxes) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for region in record.get("regions", []):
+        if region["id"] in boxes.region_index:
+            groups.setdefault(region["category"], []).append(boxes.region_index[region["id"]])
+    return {category: sorted(indices) for category, indices in groups.items()}
+
+
+def detection_answer(categories: Sequence[str], groups: dict[str, list[int]]) -> str:
+    """Answer of a detection question: one group per asked category (empty index list if absent)."""
+    return format_answer([Grounding(c, groups.get(c, [])) for c in categories])
+
+
+def make_task(task: str, record: dict[str, Any], boxes: InputBoxes, rng: random.Random) -> TaskSample | None:
+    """One sample of `task`, or None when the record cannot support it (e.g. no regions)."""
+    regions = [r for r in record.get("regions", []) if r["id"] in boxes.region_index]
+    groups = _by_category(record, boxes)
+    if not regions:
+        return None
+    if task == "detect":
+        category = rng.choice(sorted(groups))
+        return TaskSample(
+            task, DETECT_QUESTION.format(category=category), detection_answer([category], groups)
+        )
+    if task == "detect_many":
+        categories = rng.sample(sorted(groups), k=min(len(groups), rng.randint(1, 3)))
+        question = DETECT_MANY_QUESTION.format(categories=", ".join(categories))
+        return TaskSample(task, question, detection_answer(categories, groups))
+    region = rng.choice(regions)
+    index = boxes.region_index[region["id"]]
+    if task == "phrase":
+        answer = format_answer([Grounding(region["short_phrase"], [index])])
+        return TaskSample(task, PHRASE_QUESTION.format(phrase=region["short_phrase"]), answer)
+    if task == "refer":
+        answer = format_answer([Grounding(region["referring"], [index])])
+        return TaskSample(task, REFER_QUESTION.format(referring=region["referring"]), answer)
+    if task == "region":
+        field = rng.choice(sorted(REGION_QUESTIONS))
+        return TaskSample(f"region_{field}", REGION_QUESTIONS[field].format(index=index), region[field])
+    if task == "caption":
+        return caption_task(record, boxes)
+    if task == "count":
+        category = rng.choice(sorted(groups))
+        count = len(groups[category])
+        answer = f"{count} " + format_answer([Grounding(category, groups[category])])
+        return TaskSample(task, COUNT_QUESTION.format(category=category), answer)
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+def caption_task(record: dict[str, Any], boxes: InputBoxes) -> TaskSample | None:
+    grounded = record.get("grounded_caption") or {}
+    spans = []
+    for span in grounded.get("spans", []):
+        indices = sorted(boxes.region_index[r] for r in span["regions"] if r in boxes.region_index)
+        if indices:
+            spans.append((span["start"], span["end"], indices))
+    if not spans:
+        return None
+    return TaskSample("caption", CAPTION_QUESTION, format_grounded_text(record["caption"]["text"], spans))
+
+
+def sample_task(
+    record: dict[str, Any], rng: random.Random, max_boxes: int, weights: dict[str, float] | None = None
+) -> tuple[InputBoxes, TaskSample] | None:
+    """Input boxes and one task drawn by weight (falling back to other tasks the record supports)."""
+    boxes = mix_boxes(record, max_boxes, rng)
+    weights = weights or DEFAULT_WEIGHTS
+    names = [t for t in TASKS if weights.get(t, 0) > 0]
+    while names:
+        task = rng.choices(names, weights=[weights[t] for t in names])[0]
+        sample = make_task(task, record, boxes, rng)
+        if sample is not None:
+            return boxes, sample
+        names.remove(task)
+    return None

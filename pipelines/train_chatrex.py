@@ -1,0 +1,326 @@
+"""Train ChatRex on Rexverse shards with Ray Train (TorchTrainer), stage by stage, resumable.
+
+Local (CPU workers on an embedded Ray):
+    python pipelines/train_chatrex.py --config configs/chatrex_fixture.yaml --shards out/fixture/shards \\
+        --output out/chatrex
+Cluster: ray job submit --working-dir . -- python pipelines/train_chatrex.py --config configs/chatrex_7b.yaml
+
+Each stage of the config (the paper's alignment, then full training) is one Ray Train run named
+`<i>-<stage>` under `<output>/runs`; its final model lands in `<output>/<i>-<stage>/final` and the next stage
+starts from it. Rerunning the same command resumes: finished stages are skipped and an interrupted stage
+restarts from its latest checkpoint (Ray Train restores a run with the same storage path and name).
+The trained model ends in `<output>/model`, the loss curve in `<output>/train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chatrex.train_config import StageConfig, TrainConfig, load_train_config  # noqa: E402
+from engine.config import ConfigError, RayConfig  # noqa: E402
+
+log = logging.getLogger("rexverse.train")
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+# --- on the workers --------------------------------------------------------------------------------------
+
+
+def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    """LoRA adapters on the LLM's attention projections; the base LLM freezes, the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    model.language_model = get_peft_model(model.language_model, config)
+    return model
+
+
+def plain_model(model: Any) -> Any:
+    """The model to save: unwrapped from DDP, with LoRA adapters merged into a copy (plain ChatRex layout)."""
+    import copy
+
+    model = getattr(model, "module", model)
+    if hasattr(model.language_model, "merge_and_unload"):
+        model = copy.deepcopy(model)
+        model.language_model = model.language_model.merge_and_unload()
+    return model
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the stage's learning rate."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    n = len(batch["__key__"])
+    return [{name: column[i] for name, column in batch.items()} for i in range(n)]
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: load (or restore), train one stage, report loss and checkpoints."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from chatrex.data import training_sample
+    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.processor import ChatRexProcessor
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    stage = cfg.stages[config["stage_index"]]
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(cfg.seed + rank)
+    state = {"step": 0, "epoch": 0, "losses": [], "seconds": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    restore_dir = None
+    if checkpoint is not None:  # an interrupted run of this stage: continue where it stopped
+        restore_dir = Path(tempfile.mkdtemp(prefix="chatrex-restore-"))
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, restore_dir, dirs_exist_ok=True)
+        state = json.loads((restore_dir / STATE_FILE).read_text())
+    model_dir = restore_dir or Path(config["start_dir"])
+    dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    processor = ChatRexProcessor.from_pretrained(model_dir)
+    model.set_trainable(stage.name, train_vision=stage.train_vision)
+    if stage.lora:
+        model.set_trainable("alignment")  # projectors + new token rows; the LLM body trains through LoRA
+        model = apply_lora(model, cfg)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=stage.strategy)
+    device = ray.train.torch.get_device()
+    inner = getattr(model, "module", model)
+    optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
+    if restore_dir is not None and (restore_dir / OPTIMIZER_FILE).exists() and not stage.lora:
+        optimizer.load_state_dict(torch.load(restore_dir / OPTIMIZER_FILE, map_location="cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + state["step"], stage))
+    shard = ray.train.get_dataset_shard("train")
+    model.train()
+    window: list[float] = []
+    started = time.time() - state["seconds"]
+    while state["step"] < stage.steps:
+        produced = False
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + state["epoch"] if cfg.shuffle_buffer else None,
+        )
+        for batch in batches:
+            samples = [
+                training_sample(row, processor, cfg.seed, state["epoch"], cfg.max_boxes, cfg.task_weights)
+                for row in rows_of(batch)
+            ]
+            samples = [s for s in samples if s is not None]
+            if not samples:
+                continue
+            produced = True
+            inputs = processor.collate(samples)
+            inputs = {
+                k: [b.to(device) for b in v] if k == "boxes" else v.to(device) for k, v in inputs.items()
+            }
+            loss = model(**inputs).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            window.append(float(loss.detach()))
+            done = state["step"] >= stage.steps
+            if state["step"] % cfg.log_every == 0 or done:
+                mean = sum(window) / len(window)
+                state["losses"].append([state["step"], round(mean, 5)])
+                state["seconds"] = time.time() - started
+                window = []
+                metrics = {
+                    "step": state["step"],
+                    "loss": mean,
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": state["epoch"],
+                }
+                if rank == 0:
+                    print(
+                        f"[{stage.name}] step {state['step']}/{stage.steps} loss {mean:.4f} "
+                        f"lr {metrics['lr']:.2e} ({state['seconds']:.0f}s)",
+                        flush=True,
+                    )
+                if state["step"] % cfg.checkpoint_every == 0 or done:
+                    report_checkpoint(model, processor, optimizer, state, metrics, rank)
+                else:
+                    ray.train.report(metrics)
+            if done:
+                break
+        if not produced:
+            raise RuntimeError("the training shards gave no usable sample (records without regions?)")
+        state["epoch"] += 1
+
+
+def report_checkpoint(
+    model: Any, processor: Any, optimizer: Any, state: dict, metrics: dict, rank: int
+) -> None:
+    """Rank 0 writes model + processor + optimizer + state; every rank reports (Ray Train needs all)."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            plain_model(model).save_pretrained(folder)
+            processor.save_pretrained(folder)
+            torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_FILE)
+            (Path(folder) / STATE_FILE).write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --- on the driver ---------------------------------------------------------------------------------------
+
+
+def shard_paths(specs: list[str]) -> list[str]:
+    """Local folders become their .tar files; globs expand; remote URIs (s3://, gs://) pass through."""
+    import glob
+
+    paths: list[str] = []
+    for spec in specs:
+        if "://" in spec:
+            paths.append(spec)
+        elif os.path.isdir(spec):
+            paths += sorted(glob.glob(os.path.join(spec, "*.tar")))
+        else:
+            paths += sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+    if not paths:
+        raise ConfigError(f"--shards {specs} names no .tar shard")
+    return paths
+
+
+def run_stage(cfg: TrainConfig, index: int, start_dir: Path, output: Path, dataset: Any) -> Path:
+    """One stage as one Ray Train run; returns the folder of its final model."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage = cfg.stages[index]
+    name = f"{index}-{stage.name}"
+    final = output / name / "final"
+    if (final / "config.json").exists():
+        log.info("stage %s already finished: %s", name, final)
+        return final
+    scaling = ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={
+            "CPU": cfg.scaling.cpus_per_worker,
+            **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+        },
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "stage_index": index,
+            "start_dir": str(start_dir),
+        },
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(output / "runs"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {name} ended without a checkpoint")
+    tmp = output / name / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as folder:
+        shutil.copytree(folder, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument(
+        "--shards", required=True, action="append", help="shard folder, .tar files/glob, or URIs"
+    )
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        paths = shard_paths(args.shards)
+    except ConfigError as exc:
+        print(f"train_chatrex: error: {exc}", file=sys.stderr)
+        return 2
+    import ray
+
+    from chatrex.build import initial_model_dir
+    from engine.runtime import init_ray
+
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    started_local = init_ray(RayConfig(show_progress=False), namespace="chatrex-train")
+    try:
+        dataset = ray.data.read_webdataset(paths, decoder=None)
+        start_dir = initial_model_dir(cfg.model, cfg.parts, output)
+        summary = {"config": cfg.model_dump(mode="json"), "shards": paths, "stages": []}
+        for index, stage in enumerate(cfg.stages):
+            start = time.time()
+            start_dir = run_stage(cfg, index, start_dir, output, dataset)
+            state = json.loads((start_dir / STATE_FILE).read_text())
+            losses = state["losses"]
+            summary["stages"].append(
+                {
+                    "name": stage.name,
+                    "steps": state["step"],
+                    "seconds": round(state["seconds"], 1),
+                    "first_loss": losses[0][1],
+                    "last_loss": losses[-1][1],
+                    "losses": losses,
+                }
+            )
+            print(
+                f"stage {index}-{stage.name}: loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f} "
+                f"in {state['step']} steps ({time.time() - start:.0f}s)",
+                flush=True,
+            )
+        model_dir = output / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(start_dir, model_dir, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+        (output / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"trained model: {model_dir}", flush=True)
+    finally:
+        if started_local:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
