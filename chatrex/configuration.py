@@ -44,7 +44,10 @@ class ChatRexConfig(PreTrainedConfig):
         high_res_size: square input side of the ConvNeXt, in pixels.
         vision_feature_layer: which hidden state of the vision tower to use (-2: the penultimate, as LLaVA).
         roi_stages: ConvNeXt stages (1-based, 1 = stride 4 ... 4 = stride 32) that the object encoder pools.
-        roi_output_size: RoIAlign grid per box and stage before average pooling.
+        roi_output_size: RoIAlign grid per box and stage.
+        roi_pooling: "mean" averages each stage's RoI grid into one vector (compact; pretrained ConvNeXt
+            channels already say what an object is); "flatten" keeps the grid (C x S x S per stage), which
+            a small or from-scratch encoder needs to see an object's shape.
         box_embed_dim: size of the sin-cos embedding of a box's 4 normalised coordinates (multiple of 8).
         projector_hidden_act: activation of both projector MLPs.
         image_token_id: id of `<image>`, the placeholder replaced by one image token each.
@@ -76,6 +79,7 @@ class ChatRexConfig(PreTrainedConfig):
     vision_feature_layer: int = -2
     roi_stages: list[int] | None = None
     roi_output_size: int = 7
+    roi_pooling: str = "mean"
     box_embed_dim: int = 256
     projector_hidden_act: str = "gelu"
     image_token_id: int | None = None
@@ -140,6 +144,8 @@ class ChatRexConfig(PreTrainedConfig):
             raise ValueError(
                 f"roi_stages must be non-empty stage numbers in 1..{num_stages}, got {self.roi_stages}"
             )
+        if self.roi_pooling not in ("mean", "flatten"):
+            raise ValueError(f"roi_pooling must be 'mean' or 'flatten', got {self.roi_pooling!r}")
         if self.box_embed_dim % 8:
             raise ValueError(
                 f"box_embed_dim must be a multiple of 8 (sin+cos per coordinate), got {self.box_embed_dim}"

@@ -77,7 +77,9 @@ class ChatRexObjectEncoder(nn.Module):
         super().__init__()
         self.output_size = config.roi_output_size
         self.box_embed_dim = config.box_embed_dim
-        channels = sum(config.convnext_config.hidden_sizes[s - 1] for s in config.roi_stages)
+        self.flatten = config.roi_pooling == "flatten"
+        cells = config.roi_output_size**2 if self.flatten else 1
+        channels = sum(config.convnext_config.hidden_sizes[s - 1] for s in config.roi_stages) * cells
         self.projector = ChatRexProjector(
             channels + config.box_embed_dim, config.text_config.hidden_size, config.projector_hidden_act
         )
@@ -100,7 +102,7 @@ class ChatRexObjectEncoder(nn.Module):
                 sampling_ratio=2,
                 aligned=True,
             )
-            pooled.append(region.mean(dim=(2, 3)))
+            pooled.append(region.flatten(1) if self.flatten else region.mean(dim=(2, 3)))
         features = torch.cat([*pooled, sincos_box_embedding(flat, self.box_embed_dim)], dim=-1)
         return self.projector(features.to(self.projector.linear_1.weight.dtype))
 

@@ -265,19 +265,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--set` overrides to a raw config dict (before validation, so errors name the key)."""
+    """Apply `--set` overrides to a raw config dict (before validation, so errors name the key).
+
+    Path parts index into lists too: `--set stages.1.steps=40`.
+    """
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        node: Any = data
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {'.'.join(path)}: {part!r} is not an index of a {len(node)}-item list"
+                    )
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+                if not last and node.get(key) is None:
+                    node[key] = {}
+            else:
+                raise ConfigError(f"--set {'.'.join(path)}: {path[depth - 1]!r} is not a section")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
     return data
 
 

@@ -100,6 +100,8 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, restore_dir, dirs_exist_ok=True)
         state = json.loads((restore_dir / STATE_FILE).read_text())
+        if rank == 0:
+            print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
     model_dir = restore_dir or Path(config["start_dir"])
     dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
     model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
@@ -114,7 +116,8 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
     if restore_dir is not None and (restore_dir / OPTIMIZER_FILE).exists() and not stage.lora:
         optimizer.load_state_dict(torch.load(restore_dir / OPTIMIZER_FILE, map_location="cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + state["step"], stage))
+    resumed_at = state["step"]  # the scheduler counts from 0 in this process
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + resumed_at, stage))
     shard = ray.train.get_dataset_shard("train")
     model.train()
     window: list[float] = []
@@ -199,7 +202,8 @@ def report_checkpoint(
 
 
 def shard_paths(specs: list[str]) -> list[str]:
-    """Local folders become their .tar files; globs expand; remote URIs (s3://, gs://) pass through."""
+    """Local folders (an engine output or its shards/) become their .tar files; globs expand; remote URIs
+    (s3://, gs://) pass through."""
     import glob
 
     paths: list[str] = []
@@ -207,7 +211,8 @@ def shard_paths(specs: list[str]) -> list[str]:
         if "://" in spec:
             paths.append(spec)
         elif os.path.isdir(spec):
-            paths += sorted(glob.glob(os.path.join(spec, "*.tar")))
+            folder = os.path.join(spec, "shards") if os.path.isdir(os.path.join(spec, "shards")) else spec
+            paths += sorted(glob.glob(os.path.join(folder, "*.tar")))
         else:
             paths += sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
     if not paths:
@@ -217,6 +222,7 @@ def shard_paths(specs: list[str]) -> list[str]:
 
 def run_stage(cfg: TrainConfig, index: int, start_dir: Path, output: Path, dataset: Any) -> Path:
     """One stage as one Ray Train run; returns the folder of its final model."""
+    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -226,6 +232,13 @@ def run_stage(cfg: TrainConfig, index: int, start_dir: Path, output: Path, datas
     if (final / "config.json").exists():
         log.info("stage %s already finished: %s", name, final)
         return final
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if spare < 0.5:  # Ray Data reads the shards with tasks of its own: without a free CPU it waits forever
+        raise ConfigError(
+            f"the training workers reserve {cfg.scaling.num_workers * cfg.scaling.cpus_per_worker:g} of the "
+            f"cluster's {ray.cluster_resources().get('CPU', 0):g} CPUs; leave one free for reading shards "
+            "(lower scaling.cpus_per_worker or num_workers; torch_threads may stay higher)"
+        )
     scaling = ScalingConfig(
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
@@ -316,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(start_dir, model_dir, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
         (output / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"trained model: {model_dir}", flush=True)
+    except ConfigError as exc:
+        print(f"train_chatrex: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if started_local:
             ray.shutdown()

@@ -364,3 +364,31 @@ def test_siglip_tower_and_tied_llm_round_trip(cache, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     assert ChatRexProcessor.from_pretrained(tmp_path).low_res_mean == (0.5, 0.5, 0.5)
+
+
+def test_flatten_roi_pooling_keeps_the_grid_and_round_trips(tmp_path):
+    """roi_pooling='flatten' feeds the RoI grid (C x S x S per stage) to the object projector."""
+    import torch
+
+    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.tiny import ensure_tiny_chatrex
+
+    model = ChatRexForConditionalGeneration.from_pretrained(ensure_tiny_chatrex())
+    config = model.config
+    config.roi_pooling = "flatten"
+    flat = ChatRexForConditionalGeneration(config).eval()
+    channels = sum(config.convnext_config.hidden_sizes[s - 1] for s in config.roi_stages)
+    assert (
+        flat.object_encoder.projector.norm.normalized_shape[0]
+        == channels * config.roi_output_size**2 + config.box_embed_dim
+    )
+    maps = [torch.randn(1, config.convnext_config.hidden_sizes[s - 1], 8, 8) for s in config.roi_stages]
+    features = flat.object_encoder(maps, [torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]])], 128)
+    assert features.shape == (2, config.text_config.hidden_size)
+    flat.save_pretrained(tmp_path)
+    again = ChatRexForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert again.config.roi_pooling == "flatten"
+    assert torch.equal(
+        again.object_encoder(maps, [torch.tensor([[0.1, 0.1, 0.5, 0.5]])], 128),
+        flat.object_encoder(maps, [torch.tensor([[0.1, 0.1, 0.5, 0.5]])], 128),
+    )

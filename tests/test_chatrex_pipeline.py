@@ -1,0 +1,127 @@
+"""ChatRex training (Ray Train) and evaluation (Ray Data) on the fixture's ground-truth shards, on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FIXTURE, ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+TRAIN = [
+    sys.executable,
+    str(ROOT / "pipelines" / "train_chatrex.py"),
+    "--config",
+    str(ROOT / "configs" / "chatrex_fixture.yaml"),
+]
+
+
+@pytest.fixture(scope="module")
+def gt_shards(tmp_path_factory, engine_env):
+    """Shards of the fixture's ground truth (regions with real categories), 4 distractor proposals each."""
+    out = tmp_path_factory.mktemp("gt") / "shards"
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "coco_to_shards.py"),
+        "--coco",
+        str(FIXTURE / "annotations.json"),
+        "--output",
+        str(out),
+        "--distractors",
+        "4",
+        "--shard-size",
+        "40",
+    ]
+    subprocess.run(command, env=engine_env, check=True, timeout=300, capture_output=True)
+    return out
+
+
+def run(command, env, timeout=600):
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained(gt_shards, engine_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "chatrex"
+    done = run([*TRAIN, "--shards", str(gt_shards), "--output", str(out)], engine_env)
+    return out, done
+
+
+def test_training_loss_falls_well_below_the_start(trained):
+    out, _ = trained
+    summary = json.loads((out / "train_summary.json").read_text())
+    stages = summary["stages"]
+    assert [s["name"] for s in stages] == ["alignment", "full"] and stages[1]["steps"] == 40
+    first, last = stages[0]["first_loss"], stages[-1]["last_loss"]
+    assert last < 0.6 * first, (first, last)
+    assert (out / "model" / "config.json").exists() and (out / "model" / "chatrex_processor.json").exists()
+
+
+def test_rerun_skips_finished_stages(trained, gt_shards, engine_env):
+    out, _ = trained
+    start = time.time()
+    done = run([*TRAIN, "--shards", str(gt_shards), "--output", str(out)], engine_env)
+    assert done.stderr.count("already finished") == 2
+    assert time.time() - start < 120
+
+
+def test_killed_training_resumes_from_its_checkpoint(gt_shards, engine_env, tmp_path):
+    out = tmp_path / "killed"
+    command = [*TRAIN, "--shards", str(gt_shards), "--output", str(out), "--set", "checkpoint_every=10"]
+    proc = subprocess.Popen(
+        command,
+        env=engine_env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 600
+        # Ray Train records a checkpoint in its run snapshot after the upload: wait for that record
+        while not (out / "runs" / "1-full" / "checkpoint_manager_snapshot.json").exists():
+            assert proc.poll() is None, "training ended before the full stage checkpointed"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    assert not (out / "model").exists()
+    done = run(command, engine_env)
+    assert "resumed from the checkpoint of step" in done.stdout + done.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["stages"][1]["steps"] == 40
+
+
+def test_eval_scores_detection_referring_and_naming(trained, gt_shards, engine_env, tmp_path):
+    out, _ = trained
+    report_dir = tmp_path / "eval"
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "eval_chatrex.py"),
+        "--model",
+        str(out / "model"),
+        "--shards",
+        str(gt_shards),
+        "--output",
+        str(report_dir),
+        "--limit",
+        "12",
+        "--quiet",
+    ]
+    done = run(command, engine_env)
+    report = json.loads((report_dir / "metrics.json").read_text())
+    metrics = report["metrics"]["all"]
+    for key in ("P@0.5", "R@0.5", "F1@0.5", "chance_R@0.5"):
+        assert 0.0 <= metrics["detection"][key] <= 1.0
+    assert metrics["detection"]["ground_truth"] > 0 and 0 < metrics["detection"]["chance_R@0.5"] < 1
+    assert 0.0 <= metrics["referring"]["accuracy"] <= 1.0 and 0.0 <= metrics["naming"]["accuracy"] <= 1.0
+    lines = (report_dir / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == report["questions"] > 0
+    assert "R@0.5" in done.stdout
