@@ -11,16 +11,13 @@ words and rarely EOS; bound generation with `max_new_tokens`.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
 from engine import tiny_models
-from engine.tiny_models import TINY_PREFIX, cache_root, ensure_tiny_model
+from engine.tiny_models import TINY_PREFIX, build_atomically, cache_root, ensure_tiny_model
 
 __all__ = ["TINY_NAME", "build_tiny_chatrex", "ensure_tiny_chatrex", "resolve_chatrex"]
 
@@ -90,27 +87,9 @@ def build_tiny_chatrex(out_dir: str | Path, cache_dir: Path | None = None) -> Pa
 def ensure_tiny_chatrex(cache_dir: Path | None = None) -> Path:
     """The cached tiny ChatRex folder, built atomically on first use (as `engine.tiny_models` does)."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"chatrex-{_spec_hash(cache_dir)}"
-    if final.is_dir():
-        return final
-    with _BUILD_LOCK:
-        if final.is_dir():
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-        try:
-            build_tiny_chatrex(tmp, cache_dir)
-            tmp.chmod(0o755)  # mkdtemp makes 0700; a shared cache needs read access
-            for path in tmp.rglob("*"):
-                path.chmod(0o755 if path.is_dir() else 0o644)
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # a real failure, not a lost rename race with another process
-                raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_atomically(
+        root / f"chatrex-{_spec_hash(cache_dir)}", lambda tmp: build_tiny_chatrex(tmp, cache_dir)
+    )
 
 
 def resolve_chatrex(name_or_path: str) -> str:

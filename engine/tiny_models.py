@@ -113,23 +113,29 @@ def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
     """Return the folder of tiny model `name`, building it first if it is not cached yet.
 
     The folder name carries a hash of this module, the corpus and the library versions, so editing a
-    builder (or upgrading transformers) gives a fresh folder instead of a stale one. The build goes to a
-    temporary folder beside the final one and is renamed into place: concurrent callers (Ray actors on one
-    node) may all build, one rename wins and the others drop their copy and use the winner's.
+    builder (or upgrading transformers) gives a fresh folder instead of a stale one.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(available())}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"{name}-{_spec_hash(name)}"
+    return build_atomically(root / f"{name}-{_spec_hash(name)}", _BUILDERS[name])
+
+
+def build_atomically(final: Path, build: Callable[[Path], object]) -> Path:
+    """`final`, built by `build(tmp)` into a temporary folder beside it and renamed into place.
+
+    Concurrent callers (Ray actors on one node) may all build: one rename wins and the others drop their
+    copy and use the winner's. Threads of one process build once.
+    """
     if final.is_dir():
         return final
-    with _BUILD_LOCK:  # threads of one process build once; other processes race on the rename below
+    with _BUILD_LOCK:
         if final.is_dir():
             return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
-            _BUILDERS[name](tmp)
+            build(tmp)
             _make_shareable(tmp)
             os.rename(tmp, final)
         except OSError:
@@ -143,6 +149,10 @@ def ensure_tiny_model(name: str, cache_dir: Path | None = None) -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """Map `tiny:<name>` to its built folder; return any other model id or path unchanged."""
+    if name_or_path == f"{TINY_PREFIX}chatrex":  # built from these parts by chatrex/tiny.py
+        from chatrex.tiny import ensure_tiny_chatrex
+
+        return str(ensure_tiny_chatrex())
     if name_or_path.startswith(TINY_PREFIX):
         return str(ensure_tiny_model(name_or_path[len(TINY_PREFIX) :]))
     return name_or_path

@@ -60,3 +60,31 @@ def fixture_run(tmp_path_factory, engine_env, input_dir):
     out = tmp_path_factory.mktemp("run") / "out"
     done = run_engine(["--input", str(input_dir[0]), "--output", str(out)], engine_env)
     return out, done
+
+
+def kill_when(command: list[str], env: dict[str, str], ready, what: str, timeout: float = 600) -> None:
+    """Start `command` in its own process group and SIGKILL the whole group once `ready()` is true."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.time() < deadline, f"no {what} within {timeout}s"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # and whatever local Ray processes it left behind
+        except ProcessLookupError:
+            pass

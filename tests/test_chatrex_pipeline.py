@@ -1,14 +1,12 @@
 """ChatRex training (Ray Train) and evaluation (Ray Data) on the fixture's ground-truth shards, on CPU."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, ROOT, kill_when
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 TRAIN = [
@@ -73,25 +71,9 @@ def test_rerun_skips_finished_stages(trained, gt_shards, engine_env):
 def test_killed_training_resumes_from_its_checkpoint(gt_shards, engine_env, tmp_path):
     out = tmp_path / "killed"
     command = [*TRAIN, "--shards", str(gt_shards), "--output", str(out), "--set", "checkpoint_every=10"]
-    proc = subprocess.Popen(
-        command,
-        env=engine_env,
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 600
-        # Ray Train records a checkpoint in its run snapshot after the upload: wait for that record
-        while not (out / "runs" / "1-full" / "checkpoint_manager_snapshot.json").exists():
-            assert proc.poll() is None, "training ended before the full stage checkpointed"
-            assert time.time() < deadline
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    # Ray Train records a checkpoint in its run snapshot after the upload: kill once that record exists
+    snapshot = out / "runs" / "1-full" / "checkpoint_manager_snapshot.json"
+    kill_when(command, engine_env, snapshot.exists, "a full-stage checkpoint")
     assert not (out / "model").exists()
     done = run(command, engine_env)
     assert "resumed from the checkpoint of step" in done.stdout + done.stderr

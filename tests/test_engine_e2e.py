@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
-from conftest import FIXTURE_CONFIG, ROOT, SCRIPT, run_engine
+from conftest import FIXTURE_CONFIG, ROOT, SCRIPT, kill_when, run_engine
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -155,27 +153,7 @@ def test_killed_run_resumes_to_the_same_keys(fixture_run, input_dir, engine_env,
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--config", str(FIXTURE_CONFIG), "--input", str(input_dir[0])]
     command += ["--output", str(out), "--set", "sink.shard_size=5", "--quiet"]
-    proc = subprocess.Popen(
-        command,
-        env=engine_env,
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 600
-        while not list(out.glob("_commits/*.json")):
-            assert proc.poll() is None, "run ended before its first commit"
-            assert time.time() < deadline
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run
-        proc.wait(timeout=60)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # and whatever local Ray processes it left behind
-        except ProcessLookupError:
-            pass
+    kill_when(command, engine_env, lambda: bool(list(out.glob("_commits/*.json"))), "its first commit")
     assert not (out / "manifest.json").exists(), "the kill came after the run finished; nothing was tested"
     partial = pd.read_parquet(out / "index") if list((out / "index").glob("*.parquet")) else None
     done = run_engine(
