@@ -20,9 +20,9 @@ from typing import Any
 from engine.config import EngineConfig, Resources
 from engine.dedupe import KeyRegistry
 from engine.items import Item, batch_to_items
-from engine.sink import ShardSink, atomic_write, clean_uncommitted, load_committed, merge_rejects
+from engine.sink import Committed, ShardSink, atomic_write, clean_uncommitted, load_committed, merge_rejects
 from engine.sources import SourceItem, list_inputs, listing_table
-from engine.stats import format_table
+from engine.stats import RunStats, format_table
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("rexverse.pipeline")
@@ -244,7 +244,7 @@ def run(
     sink.close()
     merge_rejects(out)
     wall = time.time() - started
-    manifest = write_manifest(out, cfg, inputs, limit, len(listed), len(todo), sink, wall, mode)
+    manifest = write_manifest(out, cfg, inputs, limit, len(listed), len(todo), sink, committed, wall, mode)
     print(format_table(sink.run_stats), flush=True)
     totals = manifest["counts"]
     print(
@@ -285,13 +285,19 @@ def write_manifest(
     listed: int,
     todo: int,
     sink: ShardSink,
+    before: Committed,
     wall: float,
     mode: str,
 ) -> dict[str, Any]:
-    """manifest.json: config, code version, totals over all committed parts, and this run appended to runs."""
+    """manifest.json: config, code version, totals over all committed parts, and this run appended to runs.
+
+    Totals are what was committed before this run plus what this run committed (no second folder scan).
+    """
     path = out / "manifest.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
-    committed = load_committed(out)
+    totals = RunStats()
+    totals.merge(before.stats)
+    totals.merge(sink.run_stats)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     run_entry = {
         "finished": now,
@@ -314,11 +320,11 @@ def write_manifest(
         "config_hash": cfg.content_hash(),
         "config": cfg.model_dump(mode="json"),
         "counts": {
-            "records": committed.records,
-            "rejects": committed.rejects,
+            "records": before.records + sink.records_written,
+            "rejects": before.rejects + sink.rejects_written,
             "shards": len(list((out / "shards").glob("*.tar"))),
         },
-        "stages": committed.stats.to_dict(),
+        "stages": totals.to_dict(),
         "runs": [*previous.get("runs", []), run_entry],
     }
     atomic_write(path, json.dumps(manifest, indent=2).encode())

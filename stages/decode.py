@@ -59,13 +59,13 @@ class Decode:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         items = [self._read(batch, i) for i in range(len(batch["uri"]))]
-        fresh = [item for item in items if item.ok]
-        owners = self.claim([(item.key, item.uri) for item in fresh]) if fresh else []
-        for item, owner in zip(fresh, owners, strict=True):
+        fresh = [i for i, item in enumerate(items) if item.ok]
+        owners = self.claim([(items[i].key, items[i].uri) for i in fresh]) if fresh else []
+        for i, owner in zip(fresh, owners, strict=True):
             if owner is not None:
-                item.reject(NAME, f"duplicate: same bytes as {owner}")
+                items[i].reject(NAME, f"duplicate: same bytes as {owner}")
             else:
-                self._decode(item, str(batch["dataset"][items.index(item)]))
+                self._decode(items[i], str(batch["dataset"][i]))
         seconds = (time.perf_counter() - start) / max(len(items), 1)
         for item in items:
             item.trace[NAME] = {"seconds": seconds, "in": 0, "out": 0}
