@@ -1,13 +1,15 @@
 """Does ChatRex learn to detect by picking box indices? A CPU benchmark (not a CI test).
 
 Generates synthetic scenes of simple shapes with known boxes (the fixture generator, other seeds), turns them
-into Rexverse shards whose proposals are random distractor boxes, trains a small random-init ChatRex on the
-task mix for a few CPU minutes with the real training pipeline (Ray Train), and evaluates detection on
-held-out scenes with the real eval stage (Ray Data). Input boxes at evaluation are each image's ground-truth
-boxes mixed with its distractors, shuffled; chance is picking as many of them at random as the category has
-ground truth. The last line reads `R@0.5=<r> P@0.5=<p> chance_R@0.5=<c>`.
+into Rexverse shards whose proposals are random distractor boxes, and builds a small random-init ChatRex.
+Its LLM first learns the task mix in words (`warm_up_llm_on_text`: the stand-in for a pretrained LLM), then
+the whole model trains on the images for a few CPU minutes with the real training pipeline (Ray Train:
+alignment, then full training), and the real eval stage (Ray Data) measures detection on held-out scenes.
+Input boxes at evaluation are each image's ground-truth boxes mixed with its distractors, shuffled; chance
+is picking as many of them at random as the category has ground truth. The last line reads
+`R@0.5=<r> P@0.5=<p> chance_R@0.5=<c>`.
 
-    python bench/chatrex_learns.py [--train-scenes 3000] [--steps 1500] [--work /tmp/chatrex-bench]
+    python bench/chatrex_learns.py [--train-scenes 3000] [--text-steps 1000] [--steps 600] [--work DIR]
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def build_small_chatrex(out: Path, seed: int = 0) -> Path:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
+            # 3x the usual 0.02: the text warm-up learned faster from it (0.69 vs 0.58 index accuracy
+            # after 600 steps, measured here once each)
+            initializer_range=0.06,
         )
     )
     model = ChatRexForConditionalGeneration.from_parts(
@@ -87,13 +92,164 @@ def build_small_chatrex(out: Path, seed: int = 0) -> Path:
         num_object_tokens=32,
         low_res_size=96,
         high_res_size=192,
+        roi_stages=[1, 2],
         roi_output_size=4,
+        roi_pooling="flatten",
         box_embed_dim=64,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     ChatRexProcessor.from_model_config(tokenizer, model.config).save_pretrained(out)
     return out
+
+
+def warm_up_llm_on_text(
+    model_dir: Path,
+    shards: Path,
+    steps: int,
+    weights: dict[str, float],
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """Teach the small LLM the task mix in words before it sees any pixels; returns the last 100 steps' loss.
+
+    A real ChatRex starts from a pretrained LLM that already retrieves from its context; a random 4-layer
+    LLM does not, and measured here it stayed at chance for 1500 multimodal steps. So the LLM first trains
+    alone on a text rendering of the training scenes: the same prompts and answers, each `<roi>` slot holding
+    the mean input embedding of its region's category name ("background" for a distractor), no image
+    tokens. The multimodal stages then have to learn the vision side: map pixels in a box to what the LLM
+    reads as that category. Only training scenes are used; held-out scenes stay unseen.
+    """
+    import glob
+    import random
+
+    import torch
+    import webdataset as wds
+
+    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.processor import ChatRexProcessor
+    from chatrex.tasks import sample_task
+
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir)
+    processor = ChatRexProcessor.from_pretrained(model_dir)
+    processor.num_image_tokens = 0  # words only: the prompt keeps its layout minus the image placeholders
+    tokenizer, llm = processor.tokenizer, model.language_model
+    embed = llm.get_input_embeddings()
+    tars = sorted(glob.glob(str(shards / "shards" / "*.tar")))
+    records = [json.loads(row["json"]) for row in wds.WebDataset(tars, shardshuffle=False)]
+    word_ids: dict[str, list[int]] = {}
+    rng = random.Random(seed)
+    llm.train()
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=lr)
+    losses: list[float] = []
+    for step in range(steps):
+        rows, slot_words = [], []
+        while len(rows) < batch_size:
+            record = rng.choice(records)
+            drawn = sample_task(record, rng, 32, weights)
+            if drawn is None:
+                continue
+            boxes, task = drawn
+            words = ["background"] * len(boxes.boxes)
+            for region in record["regions"]:
+                if region["id"] in boxes.region_index:
+                    words[boxes.region_index[region["id"]]] = region["category"]
+            rows.append(processor.tokenize(len(words), task.question, task.answer))
+            slot_words.extend(words)
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        mask = torch.zeros(batch_size, width, dtype=torch.long)
+        for i, (ids, row_labels) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(ids)] = torch.tensor(row_labels)
+            mask[i, : len(ids)] = 1
+        for word in slot_words:
+            word_ids.setdefault(word, tokenizer(" " + word, add_special_tokens=False).input_ids)
+        slots = torch.stack([embed(torch.tensor(word_ids[w])).mean(0) for w in slot_words])
+        inputs = embed(input_ids).masked_scatter(
+            (input_ids == model.config.object_token_id)[..., None], slots
+        )
+        loss = llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            print(f"text warm-up step {step + 1}/{steps}: loss {sum(losses[-100:]) / 100:.3f}", flush=True)
+    model.save_pretrained(model_dir)
+    return sum(losses[-100:]) / len(losses[-100:])
+
+
+def pretrain_region_encoder(
+    model_dir: Path, shards: Path, steps: int, batch_size: int = 16, seed: int = 0
+) -> float:
+    """Train the ConvNeXt and the object encoder to classify boxes; returns the last 50 steps' accuracy.
+
+    The stand-in for a pretrained vision tower: a real ChatRex pools RoI features from a pretrained ConvNeXt,
+    where boxes of different categories already look different; this random one must first learn the shapes.
+    A linear head (thrown away afterwards) on the object encoder's output predicts each input box's category,
+    or "background" for a distractor. Training scenes only.
+    """
+    import glob
+    import io
+    import random
+
+    import torch
+    import webdataset as wds
+    from PIL import Image
+
+    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.processor import ChatRexProcessor
+    from chatrex.tasks import mix_boxes
+
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir)
+    processor = ChatRexProcessor.from_pretrained(model_dir)
+    tars = sorted(glob.glob(str(shards / "shards" / "*.tar")))
+    rows = [(json.loads(row["json"]), bytes(row["jpg"])) for row in wds.WebDataset(tars, shardshuffle=False)]
+    classes = ["background", *sorted({r["category"] for record, _ in rows for r in record["regions"]})]
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(classes))
+    encoder, objects = model.high_res_encoder, model.object_encoder
+    # The output norm keeps the scale of the LLM's embeddings (`match_embedding_scale`); it stays as built.
+    scale = {id(p) for p in objects.projector.out_norm.parameters()}
+    params = [
+        *encoder.parameters(),
+        *(p for p in objects.parameters() if id(p) not in scale),
+        *head.parameters(),
+    ]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    rng = random.Random(seed)
+    encoder.train()
+    correct: list[float] = []
+    for step in range(steps):
+        pixels, boxes, labels = [], [], []
+        for record, jpg in rng.sample(rows, batch_size):
+            image = Image.open(io.BytesIO(jpg)).convert("RGB")
+            mixed = mix_boxes(record, processor.num_object_tokens, rng)
+            names = ["background"] * len(mixed.boxes)
+            for region in record["regions"]:
+                if region["id"] in mixed.region_index:
+                    names[mixed.region_index[region["id"]]] = region["category"]
+            pixels.append(torch.from_numpy(processor.preprocess_image(image)[1]))
+            boxes.append(torch.from_numpy(processor.normalize_boxes(mixed.boxes, *image.size)))
+            labels.extend(classes.index(n) for n in names)
+        stages = encoder(pixel_values=torch.stack(pixels), output_hidden_states=True).hidden_states
+        maps = [stages[s] for s in model.config.roi_stages]
+        logits = head(objects(maps, boxes, model.config.high_res_size))
+        target = torch.tensor(labels)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        correct.append((logits.argmax(-1) == target).float().mean().item())
+        if (step + 1) % 50 == 0:
+            print(
+                f"region pre-training step {step + 1}/{steps}: accuracy {sum(correct[-50:]) / 50:.3f}",
+                flush=True,
+            )
+    model.save_pretrained(model_dir)
+    return sum(correct[-50:]) / len(correct[-50:])
 
 
 def main() -> int:
@@ -104,7 +260,10 @@ def main() -> int:
     parser.add_argument("--train-scenes", type=int, default=3000)
     parser.add_argument("--test-scenes", type=int, default=200)
     parser.add_argument("--distractors", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--text-steps", type=int, default=1000, help="LLM warm-up steps on words")
+    parser.add_argument("--region-steps", type=int, default=300, help="vision pre-training steps")
+    parser.add_argument("--align-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600, help="full-training steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
@@ -133,17 +292,36 @@ def main() -> int:
         flush=True,
     )
 
+    weights = {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5}
     model = build_small_chatrex(args.work / "init")
+    t1 = time.time()
+    region_accuracy = pretrain_region_encoder(model, args.work / "train-shards", args.region_steps)
+    region_minutes = (time.time() - t1) / 60
+    print(
+        f"region pre-training: {args.region_steps} steps, accuracy {region_accuracy:.3f}, "
+        f"{region_minutes:.1f} min"
+    )
+    t1 = time.time()
+    text_loss = warm_up_llm_on_text(model, args.work / "train-shards", args.text_steps, weights)
+    text_minutes = (time.time() - t1) / 60
+    print(f"text warm-up: {args.text_steps} steps, loss {text_loss:.3f}, {text_minutes:.1f} min", flush=True)
     config = {
         "name": "chatrex-bench",
         "model": str(model),
         "stages": [
-            {"name": "alignment", "steps": max(1, args.steps // 10), "lr": args.lr * 3, "warmup_steps": 10},
-            {"name": "full", "steps": args.steps, "lr": args.lr, "warmup_steps": 50, "train_vision": True},
+            # Alignment also trains the untrained vision encoders (pretrained ones stay frozen in the paper).
+            {
+                "name": "alignment",
+                "steps": args.align_steps,
+                "lr": args.lr,
+                "warmup_steps": 10,
+                "train_vision": True,
+            },
+            {"name": "full", "steps": args.steps, "lr": args.lr, "warmup_steps": 20, "train_vision": True},
         ],
         "batch_size": args.batch_size,
         "max_boxes": 32,
-        "task_weights": {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5},
+        "task_weights": weights,
         "shuffle_buffer": 256,
         "log_every": 50,
         "checkpoint_every": 500,
@@ -152,8 +330,7 @@ def main() -> int:
     }
     config_path = args.work / "train.yaml"
     config_path.write_text(json.dumps(config))
-    t1 = time.time()
-    cpu0 = time.process_time()
+    t2 = time.time()
     train_chatrex.main(
         [
             "--config",
@@ -164,7 +341,7 @@ def main() -> int:
             str(args.work / "train"),
         ]
     )
-    train_minutes = (time.time() - t1) / 60
+    train_minutes = (time.time() - t2) / 60
     report = eval_chatrex.evaluate(
         eval_chatrex.parse_args(
             [
@@ -188,8 +365,10 @@ def main() -> int:
     )
     detection = report["metrics"]["all"]["detection"]
     print(
-        f"training: {args.steps} full steps, {train_minutes:.1f} min wall on {args.threads} CPU threads "
-        f"(driver CPU {time.process_time() - cpu0:.0f}s); total {(time.time() - t0) / 60:.1f} min",
+        f"training on images: {args.align_steps} alignment + {args.steps} full steps, "
+        f"{train_minutes:.1f} min "
+        f"wall on {args.threads} CPU threads; text warm-up {text_minutes:.1f} min; total "
+        f"{(time.time() - t0) / 60:.1f} min",
         flush=True,
     )
     print(

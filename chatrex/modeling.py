@@ -52,7 +52,13 @@ def sincos_box_embedding(boxes: torch.Tensor, dim: int, temperature: float = 100
 
 
 class ChatRexProjector(nn.Module):
-    """LayerNorm + two-layer MLP: the towers' features come at unrelated scales, so normalise first."""
+    """LayerNorm + two-layer MLP + output LayerNorm.
+
+    The towers' features come at unrelated scales, so they are normalised first. The output norm keeps the
+    projected tokens at the scale of the LLM's own token embeddings (`from_parts` sets its gain to their
+    spread): measured on the CPU benchmark, object tokens that had grown to ~17x the norm of a word
+    embedding drowned what the LLM's attention added to them, and detection stayed at chance.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, act: str) -> None:
         super().__init__()
@@ -60,9 +66,16 @@ class ChatRexProjector(nn.Module):
         self.linear_1 = nn.Linear(in_dim, out_dim)
         self.act = ACT2FN[act]
         self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.out_norm = nn.LayerNorm(out_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(self.norm(features))))
+        return self.out_norm(self.linear_2(self.act(self.linear_1(self.norm(features)))))
+
+    def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
+        """Set the output gain so projected tokens spread like the rows of `embeddings` (per dimension)."""
+        with torch.no_grad():
+            self.out_norm.weight.copy_(embeddings.float().std(dim=0).to(self.out_norm.weight))
+            self.out_norm.bias.copy_(embeddings.float().mean(dim=0).to(self.out_norm.bias))
 
 
 class ChatRexObjectEncoder(nn.Module):
@@ -152,9 +165,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
     ) -> ChatRexForConditionalGeneration:
         """Assemble a new ChatRex from pretrained parts (e.g. CLIP-L/14-336, ConvNeXt-L, Qwen2).
 
-        Extends `tokenizer` in place with the ChatRex tokens, grows the LLM's embeddings to fit and
-        initialises the new rows near the mean of the old ones (small noise breaks the symmetry between
-        index tokens).
+        Extends `tokenizer` in place with the ChatRex tokens, grows the LLM's embeddings to fit and draws
+        the new rows around the mean of the old ones with the old rows' spread (`_extend_embeddings`).
         Projectors start random. `config_kwargs` go to `ChatRexConfig` (sizes, roi_stages, ...).
         """
         ids = add_chatrex_tokens(tokenizer, num_object_tokens)
@@ -172,6 +184,9 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         model.vision_tower = vision_tower
         model.high_res_encoder = high_res_encoder
         model.language_model = language_model
+        old_rows = language_model.get_input_embeddings().weight[: ids["new_token_start_id"]]
+        model.vision_projector.match_embedding_scale(old_rows)
+        model.object_encoder.projector.match_embedding_scale(old_rows)
         return model
 
     def get_input_embeddings(self) -> nn.Module:
@@ -362,11 +377,13 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
                 )
         elif stage == "full":
             self.requires_grad_(True)
-            if not train_vision:
-                self.vision_tower.requires_grad_(False)
-                self.high_res_encoder.requires_grad_(False)
+            self.vision_tower.requires_grad_(False)
+            self.high_res_encoder.requires_grad_(False)
         else:
             raise ValueError(f"unknown training stage {stage!r}; use 'alignment' or 'full'")
+        if train_vision:
+            self.vision_tower.requires_grad_(True)
+            self.high_res_encoder.requires_grad_(True)
 
     def _token_row_weights(self) -> list[nn.Parameter]:
         """Input embedding and LM head weights, once each (they are one tensor when the LLM ties them)."""
@@ -393,10 +410,12 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
 
 
 def _extend_embeddings(language_model: PreTrainedModel, start: int, end: int) -> None:
-    """Make room for token ids [start, end) and set their rows to the old rows' mean plus small noise.
+    """Make room for token ids [start, end) and draw their rows around the old rows' mean.
 
-    LLM checkpoints often carry spare rows beyond the tokenizer (Qwen2 does); those are reused instead of
-    growing, and are re-initialised like new rows because nothing trained them.
+    The spread per dimension is the old rows' own: the index tokens must be told apart from the first step
+    (as inputs and as LM-head rows), which rows bunched at the mean would not allow. LLM checkpoints often
+    carry spare rows beyond the tokenizer (Qwen2 does); those are reused instead of growing, and are
+    re-initialised like new rows.
     """
     if end > language_model.get_input_embeddings().weight.shape[0]:
         language_model.resize_token_embeddings(end, mean_resizing=False)
@@ -407,7 +426,7 @@ def _extend_embeddings(language_model: PreTrainedModel, start: int, end: int) ->
                 continue
             weight = module.weight
             old = weight[:start].float()
-            noise = torch.randn(end - start, weight.shape[1], device=weight.device) * old.std(dim=0) * 0.01
+            noise = torch.randn(end - start, weight.shape[1], device=weight.device) * old.std(dim=0)
             weight[start:end] = (old.mean(dim=0) + noise).to(weight.dtype)
             seen.append(weight)
 

@@ -108,7 +108,8 @@ def train_loop(config: dict[str, Any]) -> None:
     processor = ChatRexProcessor.from_pretrained(model_dir)
     model.set_trainable(stage.name, train_vision=stage.train_vision)
     if stage.lora:
-        model.set_trainable("alignment")  # projectors + new token rows; the LLM body trains through LoRA
+        # projectors + new token rows; the LLM body trains through LoRA
+        model.set_trainable("alignment", train_vision=stage.train_vision)
         model = apply_lora(model, cfg)
     model = ray.train.torch.prepare_model(model, parallel_strategy=stage.strategy)
     device = ray.train.torch.get_device()

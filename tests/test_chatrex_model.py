@@ -88,6 +88,26 @@ def test_tiny_build_is_small_deterministic_and_resolvable(folder, cache, tmp_pat
     assert not list(cache.glob(".*.tmp"))  # no leftover temporary build folders
 
 
+def test_new_tokens_and_projected_features_look_like_the_llms_embeddings(folder, processor, images, boxes):
+    """Index rows start distinct, and image/object tokens start at the scale of the LLM's word embeddings."""
+    model = _model(folder)
+    config = model.config
+    rows = model.get_input_embeddings().weight.detach()
+    old = rows[: config.new_token_start_id]
+    start = config.object_index_start_id
+    index_rows = rows[start : start + config.num_object_tokens]
+    cosine = torch.nn.functional.cosine_similarity(index_rows[:, None], index_rows[None], dim=-1)
+    assert float((cosine - torch.eye(len(index_rows))).max()) < 0.9  # was ~1.0 with rows at the mean
+    batch = processor(images[:2], boxes[:2], ["q", "q"])
+    with torch.no_grad():
+        image_tokens, maps = model.get_image_features(batch["pixel_values_low"], batch["pixel_values_high"])
+        object_tokens = model.object_encoder(maps, batch["boxes"], config.high_res_size)
+    word_norm = float(old.norm(dim=-1).mean())
+    for tokens in (image_tokens.flatten(0, 1), object_tokens):
+        ratio = float(tokens.norm(dim=-1).mean()) / word_norm
+        assert 0.5 < ratio < 2.0, ratio
+
+
 def test_config_refuses_encoders_with_different_grids(folder):
     config = ChatRexConfig.from_pretrained(folder)
     config.validate_layout()
@@ -283,6 +303,10 @@ def test_alignment_stage_trains_projectors_and_new_rows_only(folder, processor, 
     assert any(n.startswith("language_model.model.layers.") for n in trainable)
     model.set_trainable("full", train_vision=True)
     assert all(p.requires_grad for p in model.parameters())
+    model.set_trainable("alignment", train_vision=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("high_res_encoder.") for n in trainable)
+    assert not any(n.startswith("language_model.model.layers.") for n in trainable)
     with pytest.raises(ValueError, match="unknown training stage"):
         model.set_trainable("pretrain")
 
