@@ -9,7 +9,7 @@ Input boxes at evaluation are each image's ground-truth boxes mixed with its dis
 is picking as many of them at random as the category has ground truth. The last line reads
 `R@0.5=<r> P@0.5=<p> chance_R@0.5=<c>`.
 
-    python bench/chatrex_learns.py [--train-scenes 3000] [--text-steps 1000] [--steps 600] [--work DIR]
+    python bench/chatrex_learns.py [--train-scenes 3000] [--text-steps 1000] [--steps 1000] [--work DIR]
 """
 
 from __future__ import annotations
@@ -261,9 +261,9 @@ def main() -> int:
     parser.add_argument("--test-scenes", type=int, default=200)
     parser.add_argument("--distractors", type=int, default=6)
     parser.add_argument("--text-steps", type=int, default=1000, help="LLM warm-up steps on words")
-    parser.add_argument("--region-steps", type=int, default=300, help="vision pre-training steps")
-    parser.add_argument("--align-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=600, help="full-training steps")
+    parser.add_argument("--region-steps", type=int, default=500, help="vision pre-training steps")
+    parser.add_argument("--align-steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=1000, help="full-training steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
