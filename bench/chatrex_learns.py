@@ -103,6 +103,16 @@ def build_small_chatrex(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def training_rows(shards: Path) -> list[tuple[dict, bytes]]:
+    """(record, JPEG bytes) of every row of the bench's training shards, in shard order."""
+    import glob
+
+    import webdataset as wds
+
+    tars = sorted(glob.glob(str(shards / "shards" / "*.tar")))
+    return [(json.loads(row["json"]), bytes(row["jpg"])) for row in wds.WebDataset(tars, shardshuffle=False)]
+
+
 def warm_up_llm_on_text(
     model_dir: Path,
     shards: Path,
@@ -121,11 +131,9 @@ def warm_up_llm_on_text(
     tokens. The multimodal stages then have to learn the vision side: map pixels in a box to what the LLM
     reads as that category. Only training scenes are used; held-out scenes stay unseen.
     """
-    import glob
     import random
 
     import torch
-    import webdataset as wds
 
     from chatrex.modeling import ChatRexForConditionalGeneration
     from chatrex.processor import ChatRexProcessor
@@ -136,8 +144,7 @@ def warm_up_llm_on_text(
     processor.num_image_tokens = 0  # words only: the prompt keeps its layout minus the image placeholders
     tokenizer, llm = processor.tokenizer, model.language_model
     embed = llm.get_input_embeddings()
-    tars = sorted(glob.glob(str(shards / "shards" / "*.tar")))
-    records = [json.loads(row["json"]) for row in wds.WebDataset(tars, shardshuffle=False)]
+    records = [record for record, _ in training_rows(shards)]
     word_ids: dict[str, list[int]] = {}
     rng = random.Random(seed)
     llm.train()
@@ -192,12 +199,10 @@ def pretrain_region_encoder(
     A linear head (thrown away afterwards) on the object encoder's output predicts each input box's category,
     or "background" for a distractor. Training scenes only.
     """
-    import glob
     import io
     import random
 
     import torch
-    import webdataset as wds
     from PIL import Image
 
     from chatrex.modeling import ChatRexForConditionalGeneration
@@ -206,8 +211,7 @@ def pretrain_region_encoder(
 
     model = ChatRexForConditionalGeneration.from_pretrained(model_dir)
     processor = ChatRexProcessor.from_pretrained(model_dir)
-    tars = sorted(glob.glob(str(shards / "shards" / "*.tar")))
-    rows = [(json.loads(row["json"]), bytes(row["jpg"])) for row in wds.WebDataset(tars, shardshuffle=False)]
+    rows = training_rows(shards)
     classes = ["background", *sorted({r["category"] for record, _ in rows for r in record["regions"]})]
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(classes))
     encoder, objects = model.high_res_encoder, model.object_encoder
