@@ -52,16 +52,17 @@ def items_at(stage_name: str, cfg, limit: int):
     """Fixture items processed up to (not including) `stage_name`, with the default backends."""
     from engine.dedupe import KeyRegistry
     from engine.items import batch_to_items
-    from engine.pipeline import stage_specs
+    from engine.pipeline import active_stages
     from engine.sources import list_inputs, listing_table
+    from pipelines.rexverse2m import STAGES
     from stages.decode import Decode
 
     table = listing_table(list_inputs([str(ROOT / "tests" / "fixtures" / "fixture100")], limit=limit))
-    batch = Decode(cfg.decode, claim=KeyRegistry().claim)(
+    batch = Decode(cfg.stages.decode, claim=KeyRegistry().claim)(
         {n: table[n].to_numpy(zero_copy_only=False) for n in table.column_names}
     )
     items = batch_to_items(batch)
-    for cls, stage_cfg in stage_specs(cfg):
+    for cls, stage_cfg in active_stages(STAGES[1:], cfg):
         if cls.name == stage_name:
             break
         cls(stage_cfg).run(items)
@@ -78,8 +79,12 @@ def main() -> int:
 
     import torch
 
-    from engine.config import load_config
-    from engine.pipeline import stage_specs
+    from engine.config import load_config as load_any
+    from engine.pipeline import active_stages
+    from pipelines.rexverse2m import STAGES, JobConfig
+
+    def load_config(path, overrides=None):
+        return load_any(path, JobConfig, overrides)
 
     torch.set_num_threads(1)
     config_path = ROOT / "configs" / "fixture.yaml"
@@ -89,7 +94,7 @@ def main() -> int:
         results = []
         for label, overrides in variants:
             cfg = load_config(config_path, overrides)
-            cls, stage_cfg = next((c, s) for c, s in stage_specs(cfg) if c.name == stage_name)
+            cls, stage_cfg = next((c, s) for c, s in active_stages(STAGES, cfg) if c.name == stage_name)
             stage = cls(stage_cfg)
             stage.run(copy.deepcopy(items[:2]))  # warm-up
             times = []

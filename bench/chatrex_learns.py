@@ -49,7 +49,7 @@ def build_small_chatrex(out: Path, seed: int = 0) -> Path:
 
     from chatrex.modeling import ChatRexForConditionalGeneration
     from chatrex.processor import ChatRexProcessor
-    from engine.tiny_models import ensure_tiny_model
+    from scaffold.tiny_models import ensure_tiny_model
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model("qwen2-lm"))
@@ -275,7 +275,7 @@ def main() -> int:
 
     from pipelines import eval_chatrex, train_chatrex
     from pipelines.coco_to_shards import convert
-    from pipelines.make_fixture import generate_fixture
+    from scaffold.make_fixture import generate_fixture
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)

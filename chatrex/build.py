@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatrex.tiny import resolve_chatrex
 from chatrex.train_config import PartsConfig
+from engine.models import resolve_model
 
 
 def assemble_from_parts(parts: PartsConfig, out_dir: Path) -> Path:
@@ -52,4 +52,4 @@ def initial_model_dir(model: str, parts: PartsConfig | None, work_dir: Path) -> 
             assert parts is not None
             assemble_from_parts(parts, target)
         return target
-    return Path(resolve_chatrex(model))
+    return Path(resolve_model(model))

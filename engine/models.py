@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from engine.config import ModelRef
-from engine.tiny_models import resolve_model
+
+TINY_PREFIX = "tiny:"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A hub id or folder unchanged; `tiny:<name>` -> the folder of that tiny model, built locally first.
+
+    Tiny models are test and demo scaffolding (`scaffold/`); imported only when such a name is used, so
+    the engine depends on no scaffolding, yet the name resolves in every worker that loads the model.
+    """
+    if not name_or_path.startswith(TINY_PREFIX):
+        return name_or_path
+    from scaffold.tiny_models import resolve_model as resolve_tiny
+
+    return resolve_tiny(name_or_path)
 
 
 def pick_device(preference: str) -> torch.device:
@@ -42,25 +54,23 @@ def pretrained_kwargs(ref: ModelRef) -> dict[str, Any]:
     return kwargs
 
 
+# Models loaded in this process, so that stages fused into one actor (caption and region_caption naming the
+# same VLM) share one copy of the weights instead of loading it twice. Inference only: nothing mutates them.
+_LOADED: dict[tuple[str, str], tuple[Any, torch.device]] = {}
+
+
 def load_model(auto_class: Any, ref: ModelRef) -> tuple[Any, torch.device]:
-    """Instantiate `auto_class.from_pretrained(ref)` in eval mode on the configured device and dtype."""
-    quiet_loading()
-    device = pick_device(ref.device)
-    dtype = pick_dtype(ref.dtype, device)
-    model = auto_class.from_pretrained(resolve_model(ref.name), dtype=dtype, **pretrained_kwargs(ref))
-    return model.to(device).eval(), device
+    """`auto_class.from_pretrained(ref)` in eval mode on the configured device and dtype, once per process."""
+    key = (f"{auto_class.__module__}.{auto_class.__qualname__}", ref.model_dump_json())
+    if key not in _LOADED:
+        quiet_loading()
+        device = pick_device(ref.device)
+        dtype = pick_dtype(ref.dtype, device)
+        model = auto_class.from_pretrained(resolve_model(ref.name), dtype=dtype, **pretrained_kwargs(ref))
+        _LOADED[key] = (model.to(device).eval(), device)
+    return _LOADED[key]
 
 
 def load_processor(auto_class: Any, ref: ModelRef, **kwargs: Any) -> Any:
     quiet_loading()
     return auto_class.from_pretrained(resolve_model(ref.name), **pretrained_kwargs(ref), **kwargs)
-
-
-def set_torch_threads(n: int) -> None:
-    """Pin intra-op threads per actor: several actors share a node's cores."""
-    torch.set_num_threads(n)
-
-
-def params_hash(params: dict[str, Any]) -> str:
-    """Short stable hash of a stage's settings, for provenance."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]

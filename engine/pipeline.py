@@ -1,7 +1,10 @@
-"""The data engine run: list inputs, skip what is committed, stream through the stages, commit, summarise.
+"""Run any ordered list of stages: list inputs, skip what is committed, stream, write, account, summarise.
 
-Two executors share the same stage objects: Ray Data (`map_batches` with one actor pool per stage, the
-default) and a sequential in-process loop (`--no-ray`, for debugging and as a baseline).
+The engine imports no stage: a job file (`pipelines/rexverse2m.py`) names the stages and the Ray Data
+chain. Two executors share the same stage objects: Ray Data (one actor pool per stage, shard parts written
+by the workers through a Datasink; the default) and a sequential in-process loop (`--no-ray`, for
+debugging and as a baseline). Either way the run checks at the end that every input it processed is
+exactly one record or one reject, and fails loudly, naming the gap, if not.
 """
 
 from __future__ import annotations
@@ -9,10 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,74 +23,60 @@ from typing import Any
 from engine.config import EngineConfig, Resources
 from engine.dedupe import KeyRegistry
 from engine.items import Item, batch_to_items
-from engine.sink import Committed, ShardSink, atomic_write, clean_uncommitted, load_committed, merge_rejects
+from engine.sink import Committed, PartWriter, clean_uncommitted, load_committed, make_datasink, merge_rejects
 from engine.sources import SourceItem, list_inputs, listing_table
+from engine.stage import RunContext, Stage, StageGroup
 from engine.stats import RunStats, format_table
+from engine.storage import Folder
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("rexverse.pipeline")
+
+# The Ray Data chain of a job: (listing dataset, config, run context) -> dataset of items to write.
+Chain = Callable[[Any, EngineConfig, RunContext], Any]
 
 
 class OutputError(ValueError):
     """The output folder cannot be used as asked; the message says what to do."""
 
 
-def stage_specs(cfg: EngineConfig) -> list[tuple[type, Any]]:
-    """(stage class, its config) in pipeline order; imported lazily so listing never imports torch."""
-    from stages.box_rules import BoxRules
-    from stages.caption import Caption
-    from stages.filter import Filter
-    from stages.grounding import Grounding
-    from stages.phrases import Phrases
-    from stages.refine import Refine
-    from stages.region_caption import RegionCaption
-
-    s = cfg.stages
-    specs: list[tuple[type, Any]] = [
-        (Caption, s.caption),
-        (Phrases, s.phrases),
-        (Grounding, s.grounding),
-        (BoxRules, s.box_rules),
-        (RegionCaption, s.region_caption),
-        (Refine, s.refine),
-        (Filter, s.filter),
-    ]
-    if s.proposals.enabled:
-        from stages.proposals import Proposals
-
-        specs.append((Proposals, s.proposals))
-    if s.segment.enabled:
-        from stages.segment import Segment
-
-        specs.append((Segment, s.segment))
-    return specs
+class AccountingError(RuntimeError):
+    """What came back from the workers does not match what was sent; the message names the gap."""
 
 
-def prepare_output(out: Path, cfg: EngineConfig, overwrite: bool) -> None:
+def active_stages(stages: Sequence[type[Stage]], cfg: EngineConfig) -> list[tuple[type[Stage], Any]]:
+    """(stage class, its config) for every enabled stage, in the job's order."""
+    pairs = [(stage, cfg.stage_config(stage.name)) for stage in stages]
+    return [(stage, stage_cfg) for stage, stage_cfg in pairs if stage.enabled(stage_cfg)]
+
+
+def prepare_output(out: Folder, cfg: EngineConfig, overwrite: bool) -> None:
     """Create, reset (--overwrite) or check an output folder before a run."""
-    is_ours = (out / "manifest.json").exists() or (out / "_commits").exists()
-    if out.exists() and overwrite:
-        if not is_ours and any(out.iterdir()):
-            raise OutputError(f"refusing to --overwrite {out}: it is not empty and not a Rexverse output")
-        shutil.rmtree(out)
-    if out.exists() and not is_ours and any(out.iterdir()):
-        raise OutputError(f"{out} is not empty and not a Rexverse output; choose another --output")
-    manifest = out / "manifest.json"
-    if manifest.exists() and any((out / "_commits").glob("*.json")):
-        written = json.loads(manifest.read_text())
+    is_ours = out.exists("manifest.json") or out.exists("_commits")
+    if overwrite and out.exists() and not out.is_empty():
+        if not is_ours:
+            raise OutputError(
+                f"refusing to --overwrite {out.uri()}: it is not empty and not a Rexverse output"
+            )
+        out.delete_all()
+        is_ours = False
+    if not is_ours and not out.is_empty():
+        raise OutputError(f"{out.uri()} is not empty and not a Rexverse output; choose another --output")
+    if out.exists("manifest.json") and out.list("_commits"):
+        written = json.loads(out.read_bytes("manifest.json"))
         if written.get("schema_version") != SCHEMA_VERSION:
             raise OutputError(
-                f"{out} holds records of schema {written.get('schema_version')}, this Rexverse writes "
+                f"{out.uri()} holds records of schema {written.get('schema_version')}, this Rexverse writes "
                 f"{SCHEMA_VERSION}; an output keeps one version: pick a new --output (old shards still read)"
             )
         old = written.get("config_hash")
         if old and old != cfg.content_hash():
             raise OutputError(
-                f"{out} was written with a different config (hash {old}, now {cfg.content_hash()}): models, "
-                "prompts or thresholds changed. Rerun with the same config to resume, add --overwrite to "
-                "start over, or choose a new --output"
+                f"{out.uri()} was written with a different config (hash {old}, now {cfg.content_hash()}): "
+                "models, prompts or thresholds changed. Rerun with the same config to resume, add "
+                "--overwrite to start over, or choose a new --output"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdirs()
 
 
 def code_version() -> str:
@@ -116,20 +105,26 @@ def code_version() -> str:
 
 
 def run_sequential(
-    cfg: EngineConfig, todo: list[SourceItem], registry: KeyRegistry, batch_size: int
-) -> Iterator[Item]:
-    """The same stages in one process, batch by batch (no Ray)."""
-    from stages.decode import Decode
-
-    decode = Decode(cfg.decode, claim=registry.claim)
-    stages = [cls(stage_cfg) for cls, stage_cfg in stage_specs(cfg)]
+    cfg: EngineConfig,
+    stages: Sequence[type[Stage]],
+    todo: list[SourceItem],
+    committed: Committed,
+    writer: PartWriter,
+) -> list[dict[str, Any]]:
+    """The same stages in one process, batch by batch (no Ray); the first stage reads the listing."""
+    context = RunContext(registry=KeyRegistry(committed.key_owners))
+    active = active_stages(stages, cfg)
+    objects = [stage(**stage.constructor_kwargs(stage_cfg, context)) for stage, stage_cfg in active]
+    batch_size = active[0][1].resources.batch_size
     for start in range(0, len(todo), batch_size):
         table = listing_table(todo[start : start + batch_size])
-        batch = decode({name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names})
-        items = batch_to_items(batch)
-        for stage in stages:
+        columns = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+        items = batch_to_items(objects[0](columns))
+        for stage in objects[1:]:
             stage.run(items)
-        yield from items
+        for item in items:
+            writer.add(item)
+    return writer.close()
 
 
 def _compute(resources: Resources) -> Any:
@@ -141,10 +136,46 @@ def _compute(resources: Resources) -> Any:
     return ActorPoolStrategy(min_size=low, max_size=high)
 
 
-def _map(ds: Any, cls: type, kwargs: dict[str, Any], resources: Resources) -> Any:
-    """One stage as an actor pool; restarts and retries so a crashed actor does not fail the run."""
+def stage_groups(stages: Sequence[type[Stage]], cfg: EngineConfig) -> list[list[tuple[type[Stage], Any]]]:
+    """The enabled stages in job order, grouped by `ray.fuse` (a stage not named there is its own group)."""
+    group_of = {name: i for i, group in enumerate(cfg.ray.fuse) for name in group}
+    groups: list[list[tuple[type[Stage], Any]]] = []
+    last = None
+    for stage, stage_cfg in active_stages(stages, cfg):
+        key = group_of.get(stage.name, f"alone:{stage.name}")
+        if groups and key == last:
+            groups[-1].append((stage, stage_cfg))
+        else:
+            groups.append([(stage, stage_cfg)])
+        last = key
+    return groups
+
+
+def group_resources(group: list[tuple[type[Stage], Any]]) -> Resources:
+    """The first member's batch size and concurrency, the largest CPU/GPU/thread needs of all members."""
+    first: Resources = group[0][1].resources
+    members = [stage_cfg.resources for _, stage_cfg in group]
+    return first.model_copy(
+        update={
+            "num_cpus": max(r.num_cpus for r in members),
+            "num_gpus": max(r.num_gpus for r in members),
+            "torch_threads": max(r.torch_threads for r in members),
+        }
+    )
+
+
+def map_stage(ds: Any, group: list[tuple[type[Stage], Any]], context: RunContext) -> Any:
+    """One stage (or fused group) as an actor pool; restarts and retries, so a crashed actor or a lost
+    node costs a retry, never a record."""
+    resources = group_resources(group)
+    if len(group) == 1:
+        stage, stage_cfg = group[0]
+        fn, kwargs = stage, stage.constructor_kwargs(stage_cfg, context)
+    else:
+        members = [(stage, stage.constructor_kwargs(stage_cfg, context)) for stage, stage_cfg in group]
+        fn, kwargs = StageGroup, {"members": members, "torch_threads": resources.torch_threads}
     return ds.map_batches(
-        cls,
+        fn,
         fn_constructor_kwargs=kwargs,
         batch_size=resources.batch_size,
         compute=_compute(resources),
@@ -157,28 +188,83 @@ def _map(ds: Any, cls: type, kwargs: dict[str, Any], resources: Resources) -> An
 
 
 def run_ray(
-    cfg: EngineConfig, todo: list[SourceItem], registry_owners: dict[str, str], run_id: str
-) -> Iterator[Item]:
-    """Stream items through one actor pool per stage; the driver consumes the results."""
-    import ray
+    cfg: EngineConfig,
+    chain: Chain,
+    todo: list[SourceItem],
+    committed: Committed,
+    out: Folder,
+    run_id: str,
+) -> list[dict[str, Any]]:
+    """Stream the listing through the job's chain; workers write and commit the parts.
 
-    from stages.decode import Decode
+    The driver holds the listing and receives per-part results (counts, stats, uris), never images.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     namespace = ray.get_runtime_context().namespace
     registry_name = f"rexverse-keys-{run_id}"
-    registry = ray.remote(KeyRegistry).options(name=registry_name, num_cpus=0).remote(registry_owners)
+    # The registry lives next to the driver: a lost worker node must not take the run's key table with it.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    registry = (
+        ray.remote(KeyRegistry)
+        .options(name=registry_name, num_cpus=0, scheduling_strategy=here)
+        .remote(committed.key_owners)
+    )
     try:
         rows = cfg.ray.read_block_rows
         tables = [listing_table(todo[i : i + rows]) for i in range(0, len(todo), rows)]
-        ds = ray.data.from_arrow(tables)
-        decode_kwargs = {"cfg": cfg.decode, "registry_name": registry_name, "namespace": namespace}
-        ds = _map(ds, Decode, decode_kwargs, cfg.decode.resources)
-        for cls, stage_cfg in stage_specs(cfg):
-            ds = _map(ds, cls, {"cfg": stage_cfg}, stage_cfg.resources)
-        for batch in ds.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=1):
-            yield from batch_to_items(batch)
+        context = RunContext(registry_name=registry_name, namespace=namespace)
+        ds = chain(ray.data.from_arrow(tables), cfg, context)
+        sink = make_datasink(out, run_id, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
+        ds.write_datasink(
+            sink, ray_remote_args={"num_cpus": cfg.sink.num_cpus, "max_retries": cfg.sink.max_retries}
+        )
+        return sink.results
     finally:
         ray.kill(registry)
+
+
+# --- accounting ------------------------------------------------------------------------------------------
+
+
+def check_accounting(todo: list[SourceItem], results: list[dict[str, Any]], tolerate_lost: bool) -> list[str]:
+    """Every processed uri must come back exactly once as a record or a reject.
+
+    Returns the uris that never came back when `tolerate_lost` (Ray's `max_errored_blocks` > 0 let
+    blocks fail): the caller writes a reject row for each. Raises AccountingError otherwise.
+    """
+    returned = Counter(uri for result in results for uri in result["uris"])
+    sent = {item.uri for item in todo}
+    twice = sorted(uri for uri, n in returned.items() if n > 1)
+    unknown = sorted(set(returned) - sent)
+    lost = sorted(sent - set(returned))
+    counted = sum(result["records"] + result["rejects"] for result in results)
+    problems = []
+    if twice:
+        problems.append(f"{len(twice)} inputs written twice (first: {twice[0]})")
+    if unknown:
+        problems.append(f"{len(unknown)} uris written that were not sent (first: {unknown[0]})")
+    if counted != sum(returned.values()):
+        problems.append(f"parts count {counted} rows but name {sum(returned.values())} uris")
+    if lost and not tolerate_lost:
+        problems.append(f"{len(lost)} inputs never came back (first: {lost[0]})")
+    if problems:
+        raise AccountingError(
+            f"processed {len(sent)} inputs but records + rejects do not add up: {'; '.join(problems)}. "
+            "Committed parts are kept; rerun the same command to process what is missing."
+        )
+    return lost
+
+
+def write_lost(out: Folder, run_id: str, lost: list[str], shard_size: int) -> list[dict[str, Any]]:
+    """A reject row for every input whose block failed for good (allowed by max_errored_blocks)."""
+    writer = PartWriter(out, f"{run_id}-lost", 0, shard_size)
+    for uri in lost:
+        item = Item(key="", uri=uri, image=b"", record=None, trace={"engine": {"seconds": 0.0}})
+        item.reject("engine", "lost: its block failed after all retries (ray.max_errored_blocks > 0)")
+        writer.add(item)
+    return writer.close()
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -196,15 +282,17 @@ class RunResult:
 
 def run(
     cfg: EngineConfig,
+    stages: Sequence[type[Stage]],
+    chain: Chain,
     inputs: list[str],
-    out: Path,
+    output: str | Path,
     limit: int | None = None,
     overwrite: bool = False,
     use_ray: bool = True,
-    progress_every_s: float = 10.0,
 ) -> RunResult:
+    """Process `inputs` into `output` (a local folder or an object-store URI) with the job's stages."""
     started = time.time()
-    out = Path(out)
+    out = Folder(output)
     prepare_output(out, cfg, overwrite)
     removed = clean_uncommitted(out)
     if removed:
@@ -220,71 +308,56 @@ def run(
         committed.rejects,
         len(todo),
     )
-    sink = ShardSink(out, cfg.sink.shard_size, cfg.sink.max_pending_rejects, committed)
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    results: list[dict[str, Any]] = []
     mode = "ray" if use_ray else "local"
-    started_ray = False
-    if todo:
-        run_id = dt.datetime.now().strftime("%Y%m%d%H%M%S%f")
-        if use_ray:
-            from engine.runtime import init_ray
+    if todo and use_ray:
+        from engine.runtime import init_ray
 
-            started_ray = init_ray(cfg.ray, namespace="rexverse")
-            stream = run_ray(cfg, todo, committed.key_owners, run_id)
-        else:
-            stream = run_sequential(
-                cfg, todo, KeyRegistry(committed.key_owners), cfg.decode.resources.batch_size
-            )
+        started_ray = init_ray(cfg.ray, namespace="rexverse")
         try:
-            _consume(stream, sink, len(todo), progress_every_s)
+            results = run_ray(cfg, chain, todo, committed, out, run_id)
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
-    sink.close()
+    elif todo:
+        writer = PartWriter(
+            out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects, set(committed.key_owners)
+        )
+        results = run_sequential(cfg, stages, todo, committed, writer)
+    lost = check_accounting(todo, results, tolerate_lost=use_ray and cfg.ray.max_errored_blocks > 0)
+    if lost:
+        log.warning("%d inputs were lost with failed blocks; writing a reject row for each", len(lost))
+        results += write_lost(out, run_id, lost, cfg.sink.max_pending_rejects)
     merge_rejects(out)
     wall = time.time() - started
-    manifest = write_manifest(out, cfg, inputs, limit, len(listed), len(todo), sink, committed, wall, mode)
-    print(format_table(sink.run_stats), flush=True)
+    order = [stage.name for stage in stages]
+    this_run = RunStats()
+    for result in results:
+        this_run.merge(RunStats.from_dict(result["stats"]))
+    manifest = write_manifest(out, cfg, inputs, limit, len(listed), results, this_run, committed, wall, mode)
+    print(format_table(this_run, order), flush=True)
     totals = manifest["counts"]
+    records = sum(r["records"] for r in results)
+    rejects = sum(r["rejects"] for r in results)
     print(
-        f"run: {len(todo)} processed ({sink.records_written} records, {sink.rejects_written} rejects) in "
-        f"{wall:.1f}s; output totals: {totals['records']} records, {totals['rejects']} rejects -> {out}",
+        f"run: {len(todo)} processed ({records} records, {rejects} rejects) in {wall:.1f}s; "
+        f"output totals: {totals['records']} records, {totals['rejects']} rejects -> {out.uri()}",
         flush=True,
     )
-    return RunResult(
-        len(listed), len(listed) - len(todo), sink.records_written, sink.rejects_written, wall, manifest
-    )
-
-
-def _consume(stream: Iterator[Item], sink: ShardSink, total: int, every_s: float) -> None:
-    seen, last = 0, time.time()
-    start = last
-    for item in stream:
-        sink.add(item)
-        seen += 1
-        now = time.time()
-        if now - last >= every_s or seen == total:
-            rate = seen / max(now - start, 1e-9)
-            log.info(
-                "progress: %d/%d images (%.2f img/s), %d records, %d rejects so far",
-                seen,
-                total,
-                rate,
-                sink.records_written + len(sink.index_rows),
-                sink.rejects_written + len(sink.reject_rows),
-            )
-            last = now
+    return RunResult(len(listed), len(listed) - len(todo), records, rejects, wall, manifest)
 
 
 def write_manifest(
-    out: Path,
+    out: Folder,
     cfg: EngineConfig,
     inputs: list[str],
     limit: int | None,
     listed: int,
-    todo: int,
-    sink: ShardSink,
+    results: list[dict[str, Any]],
+    this_run: RunStats,
     before: Committed,
     wall: float,
     mode: str,
@@ -293,11 +366,13 @@ def write_manifest(
 
     Totals are what was committed before this run plus what this run committed (no second folder scan).
     """
-    path = out / "manifest.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = json.loads(out.read_bytes("manifest.json")) if out.exists("manifest.json") else {}
+    order = list(cfg.stages.model_fields)
     totals = RunStats()
     totals.merge(before.stats)
-    totals.merge(sink.run_stats)
+    totals.merge(this_run)
+    records = sum(r["records"] for r in results)
+    rejects = sum(r["rejects"] for r in results)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     run_entry = {
         "finished": now,
@@ -305,11 +380,12 @@ def write_manifest(
         "inputs": inputs,
         "limit": limit,
         "listed": listed,
-        "processed": todo,
-        "records": sink.records_written,
-        "rejects": sink.rejects_written,
+        "processed": sum(len(r["uris"]) for r in results),
+        "records": records,
+        "rejects": rejects,
+        "parts": len(results),
         "wall_seconds": round(wall, 2),
-        "stages": sink.run_stats.to_dict(),
+        "stages": this_run.to_dict(order),
     }
     manifest = {
         "name": cfg.name,
@@ -320,12 +396,25 @@ def write_manifest(
         "config_hash": cfg.content_hash(),
         "config": cfg.model_dump(mode="json"),
         "counts": {
-            "records": before.records + sink.records_written,
-            "rejects": before.rejects + sink.rejects_written,
-            "shards": len(list((out / "shards").glob("*.tar"))),
+            "records": before.records + records,
+            "rejects": before.rejects + rejects,
+            "shards": len(out.list("shards")),
         },
-        "stages": totals.to_dict(),
+        "stage_order": order,
+        "stages": totals.to_dict(order),
         "runs": [*previous.get("runs", []), run_entry],
     }
-    atomic_write(path, json.dumps(manifest, indent=2).encode())
+    out.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+__all__ = [
+    "AccountingError",
+    "Chain",
+    "OutputError",
+    "RunResult",
+    "active_stages",
+    "map_stage",
+    "stage_groups",
+    "run",
+]

@@ -1,96 +1,98 @@
 """Write records to shards, the parquet index and rejects; commit atomically; know what is committed.
 
-Layout of an output folder:
-  shards/NNNNNN.tar        webdataset: {key}.jpg|png + {key}.json per record, members of a sample adjacent
-  index/NNNNNN.parquet     one row per record of that shard (schemas.INDEX_SCHEMA)
-  rejects/NNNNNN.parquet   rejects committed with that part (schemas.REJECTS_SCHEMA)
-  _commits/NNNNNN.json     the commit marker, written last; a part without it never happened
-  rejects.parquet          all rejects, rebuilt at the end of each run
-  manifest.json            config, code version, counts per stage, timings
+Layout of an output folder (a local path or an object-store URI, see `engine.storage.Folder`):
+  shards/PART.tar        webdataset: {key}.jpg|png + {key}.json per record, members of a sample adjacent
+  index/PART.parquet     one row per record of that shard (schemas.INDEX_SCHEMA)
+  rejects/PART.parquet   rejects committed with that part (schemas.REJECTS_SCHEMA)
+  _commits/PART.json     the commit marker, written last; a part without it never happened
+  rejects.parquet        all rejects, rebuilt at the end of each run
+  manifest.json          config, code version, counts per stage, timings
 
-A part is written under _tmp/ and renamed into place; the commit marker is the single atomic switch. On
-start, anything without a marker is deleted, so a killed run leaves no partial shard behind and a rerun
-continues with the next part number. One writer (the driver) makes numbering and exactly-once commits
-trivial; at Rexverse scale model time dominates, not the writing of bytes.
+PART is `{run id}-{write task:05d}-{n:03d}`: the run id keeps parts of later runs after earlier ones in
+sorted order, the write task index keeps concurrent writers apart and is the same when Ray retries a task,
+so a retried task finds its own markers and never writes a record twice. Outputs of older versions used
+`NNNNNN` part names; they are read and resumed the same way.
+
+Writers run in the workers (`ShardDatasink`, Ray Data's Datasink API) or in-process (`PartWriter` used by
+`--no-ray` and the COCO converter). The driver only receives per-part counts, stats and uris.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import re
 import shutil
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from engine.items import Item
+from engine.items import Item, batch_to_items
 from engine.stats import RunStats
+from engine.storage import Folder
 from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, to_index_row, validate
 
 log = logging.getLogger("rexverse.sink")
-PART_PATTERN = re.compile(r"^(\d{6})\.(tar|parquet|json)$")
-SUBDIRS = ("shards", "index", "rejects", "_commits")
+PART_DIRS = ("shards", "index", "rejects")
+SUBDIRS = (*PART_DIRS, "_commits")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def part_name(run_id: str, task: int, n: int) -> str:
+    return f"{run_id}-{task:05d}-{n:03d}"
 
 
 @dataclass
 class Committed:
     """What earlier runs committed into an output folder."""
 
-    parts: list[int] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
     uris: set[str] = field(default_factory=set)
     key_owners: dict[str, str] = field(default_factory=dict)
     records: int = 0
     rejects: int = 0
     stats: RunStats = field(default_factory=RunStats)
 
-    @property
-    def next_part(self) -> int:
-        return max(self.parts, default=-1) + 1
 
-
-def clean_uncommitted(out: Path) -> list[str]:
-    """Delete every part file without a commit marker, and the temp folder; returns what was removed."""
-    committed = {p.stem for p in (out / "_commits").glob("*.json")}
+def clean_uncommitted(out: Folder) -> list[str]:
+    """Delete every part file without a commit marker, and temp files; returns what was removed."""
+    committed = {name.rsplit(".", 1)[0] for name in out.list("_commits") if name.endswith(".json")}
     removed = []
-    for sub in ("shards", "index", "rejects"):
-        for path in (out / sub).glob("*"):
-            match = PART_PATTERN.match(path.name)
-            if match is None or match.group(1) not in committed:
-                path.unlink()
-                removed.append(str(path))
-    shutil.rmtree(out / "_tmp", ignore_errors=True)
+    for sub in PART_DIRS:
+        for name in out.list(sub):
+            if name.split(".", 1)[0] not in committed or name.startswith("."):
+                out.delete(f"{sub}/{name}")
+                removed.append(f"{sub}/{name}")
+    for name in out.list("_commits"):
+        if not name.endswith(".json"):
+            out.delete(f"_commits/{name}")
+            removed.append(f"_commits/{name}")
     return removed
 
 
-def load_committed(out: Path) -> Committed:
+def load_committed(out: Folder) -> Committed:
     """Scan committed parts: uris already handled, key owners, counts and stats."""
     state = Committed()
-    for marker in sorted((out / "_commits").glob("*.json")):
-        info = json.loads(marker.read_text())
-        part = int(marker.stem)
+    for marker_name in out.list("_commits"):
+        if not marker_name.endswith(".json"):
+            continue
+        part = marker_name.removesuffix(".json")
+        info = json.loads(out.read_bytes(f"_commits/{marker_name}"))
         state.parts.append(part)
         state.records += info["records"]
         state.rejects += info["rejects"]
         state.stats.merge(RunStats.from_dict(info["stats"]))
         if info["records"]:
-            index = pq.read_table(out / "index" / f"{part:06d}.parquet", columns=["key", "source_uri"])
+            index = _read_parquet(out, f"index/{part}.parquet", ["key", "source_uri"])
             for key, uri in zip(index["key"].to_pylist(), index["source_uri"].to_pylist(), strict=True):
                 state.uris.add(uri)
                 state.key_owners[key] = uri
         if info["rejects"]:
-            rejects = pq.read_table(out / "rejects" / f"{part:06d}.parquet", columns=["uri", "key"])
+            rejects = _read_parquet(out, f"rejects/{part}.parquet", ["uri", "key"])
             for uri, key in zip(rejects["uri"].to_pylist(), rejects["key"].to_pylist(), strict=True):
                 state.uris.add(uri)
                 if key:
@@ -98,118 +100,175 @@ def load_committed(out: Path) -> Committed:
     return state
 
 
-class ShardSink:
-    """Consumes items (in any order) and commits parts of up to `shard_size` records."""
+def _read_parquet(out: Folder, relative: str, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
+    return pq.read_table(out.path(relative), columns=columns, filesystem=out.fs, **kwargs)
 
-    def __init__(self, out: Path, shard_size: int, max_pending_rejects: int, committed: Committed) -> None:
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+class PartWriter:
+    """Writes items (in any order) as committed parts of up to `shard_size` records.
+
+    `known_keys` (optional) are keys already committed: a record with one becomes a reject. Ray runs
+    do not need it: the run's key registry rejects such images at decode, before any model sees them.
+    """
+
+    def __init__(
+        self,
+        out: Folder,
+        run_id: str,
+        task: int,
+        shard_size: int,
+        max_pending_rejects: int = 5000,
+        known_keys: set[str] | None = None,
+    ) -> None:
         self.out = out
+        self.run_id, self.task = run_id, task
         self.shard_size = shard_size
         self.max_pending_rejects = max_pending_rejects
-        self.next_part = committed.next_part
-        self.committed_keys = set(committed.key_owners)
-        self.run_stats = RunStats()
-        self.records_written = 0
-        self.rejects_written = 0
-        for sub in (*SUBDIRS, "_tmp"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
+        self.known_keys = known_keys if known_keys is not None else set()
+        self.results: list[dict[str, Any]] = []
+        self._n = 0
         self._open_part()
 
     def _open_part(self) -> None:
-        self.tmp_tar = self.out / "_tmp" / f"{self.next_part:06d}.tar"
-        self.writer = wds.TarWriter(str(self.tmp_tar))
+        # Parts can hold thousands of images: spill to a local temp file past 64 MiB, not to memory.
+        self.tar_buffer = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)
+        self.tar = wds.TarWriter(self.tar_buffer)
         self.index_rows: list[dict[str, Any]] = []
         self.reject_rows: list[dict[str, Any]] = []
+        self.uris: list[str] = []
         self.part_stats = RunStats()
 
+    @property
+    def name(self) -> str:
+        return part_name(self.run_id, self.task, self._n)
+
     def add(self, item: Item) -> None:
+        self.uris.append(item.uri)
         if not item.ok:
             self._reject(item, item.error_stage, item.error_reason)
-            return
-        errors = validate(item.record)
-        if errors:
-            self._reject(item, "schema", "invalid record: " + "; ".join(errors[:3]), sink_made=True)
-        elif item.key in self.committed_keys:
-            self._reject(item, "sink", "duplicate: key already committed", sink_made=True)
         else:
-            self._write(item)
+            errors = validate(item.record)
+            if errors:
+                self._reject(item, "schema", "invalid record: " + "; ".join(errors[:3]), sink_made=True)
+            elif item.key in self.known_keys:
+                self._reject(item, "sink", "duplicate: key already committed", sink_made=True)
+            else:
+                self._write(item)
         if len(self.index_rows) >= self.shard_size or len(self.reject_rows) >= self.max_pending_rejects:
             self.commit()
 
     def _reject(self, item: Item, stage: str, reason: str, sink_made: bool = False) -> None:
         self.reject_rows.append({"uri": item.uri, "key": item.key, "stage": stage, "reason": reason})
-        if sink_made:
-            self.part_stats.add(item, extra_reject=(stage, reason))
-        else:
-            self.part_stats.add(item)
+        self.part_stats.add(item, extra_reject=(stage, reason) if sink_made else None)
 
     def _write(self, item: Item) -> None:
         record = item.record
-        shard = f"{self.next_part:06d}.tar"
-        self.writer.write(
+        self.tar.write(
             {
                 "__key__": item.key,
                 record["image_ext"]: item.image,
                 "json": json.dumps(record, ensure_ascii=False).encode(),
             }
         )
-        self.index_rows.append(to_index_row(record, shard))
-        self.committed_keys.add(item.key)
+        self.index_rows.append(to_index_row(record, f"{self.name}.tar"))
+        self.known_keys.add(item.key)
         self.part_stats.add(item)
 
     def commit(self) -> None:
-        """Make the current part durable and visible (marker last), then open the next one."""
-        self.writer.close()
-        if not self.index_rows and not self.reject_rows:
-            self.tmp_tar.unlink(missing_ok=True)
+        """Make the current part durable and visible (marker last), then open the next one.
+
+        A marker that already exists means an earlier attempt of this same task committed this part
+        (Ray retried the task after the commit): keep that one and report it, write nothing twice.
+        """
+        self.tar.close()
+        if not self.uris:
+            self.tar_buffer.close()
             self._open_part()
             return
-        name = f"{self.next_part:06d}"
-        tmp = self.out / "_tmp"
-        if self.index_rows:
-            pq.write_table(
-                pa.Table.from_pylist(self.index_rows, schema=INDEX_SCHEMA), tmp / f"{name}.parquet"
-            )
-            os.replace(self.tmp_tar, self.out / "shards" / f"{name}.tar")
-            os.replace(tmp / f"{name}.parquet", self.out / "index" / f"{name}.parquet")
+        name = self.name
+        marker_path = f"_commits/{name}.json"
+        if self.out.exists(marker_path):
+            marker = json.loads(self.out.read_bytes(marker_path))
+            log.warning("part %s was already committed by an earlier attempt; keeping it", name)
         else:
-            self.tmp_tar.unlink(missing_ok=True)
-        if self.reject_rows:
-            rejects = pa.Table.from_pylist(self.reject_rows, schema=REJECTS_SCHEMA)
-            pq.write_table(rejects, tmp / f"{name}.rejects.parquet")
-            os.replace(tmp / f"{name}.rejects.parquet", self.out / "rejects" / f"{name}.parquet")
-        marker = {
-            "part": self.next_part,
-            "records": len(self.index_rows),
-            "rejects": len(self.reject_rows),
-            "stats": self.part_stats.to_dict(),
-        }
-        atomic_write(self.out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
-        self.records_written += len(self.index_rows)
-        self.rejects_written += len(self.reject_rows)
-        self.run_stats.merge(self.part_stats)
-        log.info(
-            "committed part %s: %d records, %d rejects (this run: %d records, %d rejects)",
-            name,
-            len(self.index_rows),
-            len(self.reject_rows),
-            self.records_written,
-            self.rejects_written,
-        )
-        self.next_part += 1
+            if self.index_rows:
+                self.tar_buffer.seek(0)
+                with self.out.open_write(f"shards/{name}.tar") as handle:
+                    shutil.copyfileobj(self.tar_buffer, handle, 8 * 1024 * 1024)
+                index = pa.Table.from_pylist(self.index_rows, schema=INDEX_SCHEMA)
+                self.out.write_bytes(f"index/{name}.parquet", _parquet_bytes(index))
+            if self.reject_rows:
+                rejects = pa.Table.from_pylist(self.reject_rows, schema=REJECTS_SCHEMA)
+                self.out.write_bytes(f"rejects/{name}.parquet", _parquet_bytes(rejects))
+            marker = {
+                "part": name,
+                "records": len(self.index_rows),
+                "rejects": len(self.reject_rows),
+                "stats": self.part_stats.to_dict(),
+            }
+            self.out.write_bytes(marker_path, json.dumps(marker, indent=1).encode())
+            log.info("committed part %s: %d records, %d rejects", name, marker["records"], marker["rejects"])
+        self.results.append(marker | {"uris": self.uris})
+        self.tar_buffer.close()
+        self._n += 1
         self._open_part()
 
-    def close(self) -> None:
+    def close(self) -> list[dict[str, Any]]:
+        """Commit what is pending; returns one result per part (marker fields + the part's uris)."""
         self.commit()
-        self.writer.close()
-        self.tmp_tar.unlink(missing_ok=True)
+        self.tar.close()
+        self.tar_buffer.close()
+        return self.results
 
 
-def merge_rejects(out: Path) -> int:
-    """Rebuild `rejects.parquet` from the committed parts (atomic); returns the number of rows."""
-    parts = sorted((out / "rejects").glob("*.parquet"))
-    tables = [pq.read_table(p, schema=REJECTS_SCHEMA) for p in parts]
+def make_datasink(out: Folder, run_id: str, shard_size: int, max_pending_rejects: int) -> Any:
+    """A `ray.data.Datasink`: each write task (in a worker) writes and commits its own parts.
+
+    Defined inside a function so that importing the sink never imports Ray. `on_write_complete` runs on
+    the driver and keeps only each part's counts, stats and uris.
+    """
+    from ray.data import Datasink
+
+    class ShardDatasink(Datasink):
+        def __init__(self) -> None:
+            self.results: list[dict[str, Any]] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return shard_size
+
+        def write(self, blocks: Iterable[Any], ctx: Any) -> list[dict[str, Any]]:
+            from ray.data.block import BlockAccessor
+
+            writer = PartWriter(out, run_id, ctx.task_idx, shard_size, max_pending_rejects)
+            for block in blocks:
+                batch = BlockAccessor.for_block(block).to_numpy()
+                for item in batch_to_items(batch):
+                    writer.add(item)
+            return writer.close()
+
+        def on_write_complete(self, write_result: Any) -> None:
+            for task_results in write_result.write_returns:
+                self.results.extend(task_results)
+
+        def get_name(self) -> str:
+            return "ShardWrite"
+
+    return ShardDatasink()
+
+
+def merge_rejects(out: Folder) -> int:
+    """Rebuild `rejects.parquet` from the committed parts; returns the number of rows."""
+    names = [name for name in out.list("rejects") if name.endswith(".parquet")]
+    tables = [
+        pq.read_table(out.path(f"rejects/{n}"), schema=REJECTS_SCHEMA, filesystem=out.fs) for n in names
+    ]
     table = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
-    tmp = out / ".rejects.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "rejects.parquet")
+    out.write_bytes("rejects.parquet", _parquet_bytes(table))
     return table.num_rows

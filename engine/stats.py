@@ -8,23 +8,11 @@ readable while the full reason stays in the record and in rejects.parquet.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.items import Item
-
-STAGE_ORDER = (
-    "decode",
-    "caption",
-    "phrases",
-    "grounding",
-    "box_rules",
-    "region_caption",
-    "refine",
-    "filter",
-    "proposals",
-    "segment",
-)
 
 
 def reason_kind(reason: str) -> str:
@@ -107,8 +95,9 @@ class RunStats:
         for name, stats in other.stages.items():
             self.stage(name).merge(stats)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: self.stages[name].to_dict() for name in ordered(self.stages)}
+    def to_dict(self, order: Sequence[str] = ()) -> dict[str, Any]:
+        """Stages in the job's `order`; stages it does not name (the sink's own checks) after them."""
+        return {name: self.stages[name].to_dict() for name in ordered(self.stages, order)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunStats:
@@ -118,19 +107,19 @@ class RunStats:
         return run
 
 
-def ordered(names: Any) -> list[str]:
-    known = [n for n in STAGE_ORDER if n in names]
-    return known + sorted(n for n in names if n not in STAGE_ORDER)
+def ordered(names: Any, order: Sequence[str]) -> list[str]:
+    known = [n for n in order if n in names]
+    return known + sorted(n for n in names if n not in order)
 
 
-def format_table(stats: RunStats) -> str:
+def format_table(stats: RunStats, order: Sequence[str] = ()) -> str:
     """A fixed-width per-stage summary for the terminal."""
     header = (
         f"{'stage':<15}{'in':>7}{'out':>7}{'units in':>10}{'units out':>10}{'seconds':>10}"
         "  dropped/rejected by reason"
     )
     lines = [header, "-" * len(header)]
-    for name in ordered(stats.stages):
+    for name in ordered(stats.stages, order):
         s = stats.stages[name]
         reasons = [f"{k}={v}" for k, v in sorted(s.rejected.items())]
         reasons += [f"[{k}]={v}" for k, v in sorted(s.dropped.items())]

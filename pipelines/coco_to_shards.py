@@ -16,7 +16,8 @@ if __package__ in (None, ""):
 
 from chatrex.coco import iter_coco_records  # noqa: E402
 from engine.items import Item  # noqa: E402
-from engine.sink import ShardSink, load_committed, merge_rejects  # noqa: E402
+from engine.sink import PartWriter, merge_rejects  # noqa: E402
+from engine.storage import Folder  # noqa: E402
 
 
 def convert(
@@ -32,20 +33,22 @@ def convert(
     """Convert and commit; returns the number of records written."""
     if output.exists() and any(output.iterdir()):
         raise SystemExit(f"{output} is not empty; choose a new --output")
-    sink = ShardSink(output, shard_size, max_pending_rejects=10_000, committed=load_committed(output))
+    out = Folder(output)
+    writer = PartWriter(out, "coco", 0, shard_size, max_pending_rejects=10_000)
     for record, data in iter_coco_records(coco, images, proposals, distractors, seed, limit):
-        sink.add(Item(record["key"], record["source"]["uri"], data, record))
-    sink.close()
-    merge_rejects(output)
+        writer.add(Item(record["key"], record["source"]["uri"], data, record))
+    results = writer.close()
+    merge_rejects(out)
+    records = sum(r["records"] for r in results)
     manifest = {
         "source": str(coco),
-        "records": sink.records_written,
-        "rejects": sink.rejects_written,
+        "records": records,
+        "rejects": sum(r["rejects"] for r in results),
         "distractors": distractors,
         "seed": seed,
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return sink.records_written
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:

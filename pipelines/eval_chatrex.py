@@ -295,7 +295,7 @@ def table(metrics: dict[str, Any]) -> str:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from chatrex.coco import iter_coco_records
-    from chatrex.tiny import resolve_chatrex
+    from engine.models import resolve_model
     from engine.runtime import init_ray
 
     tasks = tuple(t for t in args.tasks.split(",") if t)
@@ -322,7 +322,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if not items:
             raise SystemExit("no evaluation question: are there records with regions?")
         log.info("%d questions (%s), input boxes: %s", len(items), ", ".join(tasks), mode)
-        predictions = predict(items, resolve_chatrex(args.model), args)
+        predictions = predict(items, resolve_model(args.model), args)
     finally:
         if started:
             ray.shutdown()

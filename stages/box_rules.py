@@ -8,11 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torchvision.ops import box_iou
 
-from engine.config import BoxRulesConfig
+from engine.config import Resources, Strict
 from engine.items import Item
 from stages.base import Stage
+
+
+class BoxRulesConfig(Strict):
+    """Cheap geometric rules, applied right after grounding so no model time is spent on junk boxes."""
+
+    min_side: float = Field(4.0, ge=0)
+    min_area_frac: float = Field(0.0005, ge=0, le=1)
+    max_area_frac: float = Field(0.95, ge=0, le=1)
+    max_aspect: float = Field(12.0, ge=1)
+    duplicate_iou: float = Field(0.9, ge=0, le=1)
+    resources: Resources = Resources(batch_size=64, num_cpus=0.25)
 
 
 def geometry_problem(box: list[float], width: int, height: int, cfg: BoxRulesConfig) -> str | None:
@@ -66,6 +78,7 @@ def apply_box_rules(
 
 class BoxRules(Stage):
     name = "box_rules"
+    config_class = BoxRulesConfig
 
     def process(self, items: list[Item]) -> None:
         for item in items:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from engine.config import CaptionConfig
+from pydantic import Field
+
+from engine.config import GenerationConfig, ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from stages.base import Stage
@@ -10,8 +12,18 @@ from stages.text import first_sentence
 from stages.vlm import ChatVLM
 
 
+class CaptionConfig(Strict):
+    model: ModelRef
+    prompt: str
+    generation: GenerationConfig = GenerationConfig()
+    max_image_side: int = Field(1344, ge=32)
+    max_words: int = Field(60, ge=1)
+    resources: Resources = Resources()
+
+
 class Caption(Stage):
     name = "caption"
+    config_class = CaptionConfig
     unit = ""
 
     def __init__(self, cfg: CaptionConfig) -> None:

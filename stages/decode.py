@@ -7,16 +7,32 @@ oversized, empty, not an image, truncated, decompression bomb, too small, duplic
 from __future__ import annotations
 
 import hashlib
-import time
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from engine.config import DecodeConfig
+from pydantic import Field
+
+from engine.config import Resources, Strict
 from engine.images import DecodeLimits, ImageRejected, decode
 from engine.items import Item, items_to_batch
-from engine.sources import ReadError, read_bytes
+from engine.sources import LISTING_SCHEMA, ReadError, read_bytes
+from engine.stage import RunContext, Stage
 from schemas import SCHEMA_VERSION
 
 NAME = "decode"
+
+
+class DecodeConfig(Strict):
+    """Bounds for untrusted image input."""
+
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(50_000_000, ge=1)
+    min_side: int = Field(32, ge=1)
+    max_aspect: float = Field(20.0, ge=1.0)
+    reencode_jpeg_quality: int = Field(95, ge=50, le=100)
+    # "jpg": one image format per shard (stock webdataset decoders expect it; upright RGB JPEGs stay
+    # byte-identical, everything else is re-encoded). "keep": lossless sources are stored as PNG.
+    output_format: Literal["jpg", "keep"] = "jpg"
+    resources: Resources = Resources(batch_size=16, num_cpus=0.25)
 
 
 class Claimer(Protocol):
@@ -31,8 +47,15 @@ def ray_claimer(registry_name: str, namespace: str) -> Claimer:
     return lambda pairs: ray.get(handle.claim.remote(pairs))
 
 
-class Decode:
-    """Callable per design §4; `claim` comes from a registry (in-process) or `registry_name` (Ray actor)."""
+class Decode(Stage):
+    """The first stage: listing rows (where the bytes are) in, items out (a record or a reject each).
+
+    `claim` comes from a registry (in-process) or `registry_name` (the run's Ray actor).
+    """
+
+    name = NAME
+    config_class = DecodeConfig
+    unit = ""
 
     def __init__(
         self,
@@ -41,7 +64,7 @@ class Decode:
         registry_name: str | None = None,
         namespace: str = "",
     ) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.limits = DecodeLimits(
             max_bytes=cfg.max_bytes,
             max_pixels=cfg.max_pixels,
@@ -55,35 +78,46 @@ class Decode:
                 raise ValueError("Decode needs a claim function or a registry actor name")
             claim = ray_claimer(registry_name, namespace)
         self.claim = claim
+        self._where: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def constructor_kwargs(cls, cfg: DecodeConfig, context: RunContext) -> dict[str, Any]:
+        if context.registry is not None:
+            return {"cfg": cfg, "claim": context.registry.claim}
+        return {"cfg": cfg, "registry_name": context.registry_name, "namespace": context.namespace}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
-        items = [self._read(batch, i) for i in range(len(batch["uri"]))]
-        fresh = [i for i, item in enumerate(items) if item.ok]
-        owners = self.claim([(items[i].key, items[i].uri) for i in fresh]) if fresh else []
-        for i, owner in zip(fresh, owners, strict=True):
-            if owner is not None:
-                items[i].reject(NAME, f"duplicate: same bytes as {owner}")
-            else:
-                self._decode(items[i], str(batch["dataset"][i]))
-        seconds = (time.perf_counter() - start) / max(len(items), 1)
-        for item in items:
-            item.trace[NAME] = {"seconds": seconds, "in": 0, "out": 0}
+        """`batch` holds listing columns (`engine.sources.LISTING_SCHEMA`), not items."""
+        columns = {name: batch[name] for name in LISTING_SCHEMA.names}
+        self._where = {
+            str(uri): {name: columns[name][i] for name in columns} for i, uri in enumerate(columns["uri"])
+        }
+        items = [Item(key="", uri=uri, image=b"", record=None) for uri in self._where]
+        self.run(items)
         return items_to_batch(items)
 
-    def _read(self, batch: dict[str, Any], i: int) -> Item:
-        uri = str(batch["uri"][i])
-        item = Item(key="", uri=uri, image=b"", record=None)
+    def process(self, items: list[Item]) -> None:
+        for item in items:
+            self._read(item)
+        fresh = [item for item in items if item.ok]
+        owners = self.claim([(item.key, item.uri) for item in fresh]) if fresh else []
+        for item, owner in zip(fresh, owners, strict=True):
+            if owner is not None:
+                item.reject(NAME, f"duplicate: same bytes as {owner}")
+            else:
+                self._decode(item, str(self._where[item.uri]["dataset"]))
+
+    def _read(self, item: Item) -> None:
+        where = self._where[item.uri]
         try:
             data = read_bytes(
-                str(batch["path"][i]), int(batch["offset"][i]), int(batch["size"][i]), self.cfg.max_bytes
+                str(where["path"]), int(where["offset"]), int(where["size"]), self.cfg.max_bytes
             )
         except ReadError as exc:
             item.reject(NAME, str(exc))
-            return item
+            return
         item.key = hashlib.sha256(data).hexdigest()
         item.image = data
-        return item
 
     def _decode(self, item: Item, dataset: str) -> None:
         try:

@@ -11,13 +11,22 @@ from typing import Any
 
 import torch
 from PIL import Image
+from pydantic import Field
 from transformers import AutoModel, AutoProcessor
 
-from engine.config import FilterConfig
+from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from engine.models import load_model, load_processor
 from stages.base import Stage
+
+
+class FilterConfig(Strict):
+    model: ModelRef
+    score_threshold: float = Field(0.05, ge=-1, le=1)
+    crop_context: float = Field(0.1, ge=0, le=1)
+    regions_per_call: int = Field(32, ge=1)
+    resources: Resources = Resources()
 
 
 def context_crop(image: Image.Image, box: list[float], context: float) -> Image.Image:
@@ -66,6 +75,7 @@ class ImageTextScorer:
 
 class Filter(Stage):
     name = "filter"
+    config_class = FilterConfig
 
     def __init__(self, cfg: FilterConfig) -> None:
         super().__init__(cfg)

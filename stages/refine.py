@@ -10,15 +10,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import RefineConfig
+from pydantic import Field
+
+from engine.config import GenerationConfig, ModelRef, Resources, Strict
 from engine.items import Item
 from stages.base import Stage
 from stages.llm import ChatLM
 from stages.text import parse_category, parse_referring, parse_short_phrase
 
 
+class RefineConfig(Strict):
+    model: ModelRef
+    system_prompt: str
+    verify_prompt: str
+    category_prompt: str
+    short_phrase_prompt: str
+    referring_prompt: str
+    yes_words: list[str] = Field(default_factory=lambda: ["yes", "Yes"])
+    no_words: list[str] = Field(default_factory=lambda: ["no", "No"])
+    verify_threshold: float = Field(0.5, ge=0, le=1)
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=24)
+    max_category_words: int = Field(3, ge=1)
+    max_short_phrase_words: int = Field(6, ge=1)
+    referring_min_words: int = Field(3, ge=1)
+    referring_max_words: int = Field(10, ge=1)
+    regions_per_call: int = Field(16, ge=1)
+    resources: Resources = Resources()
+
+
 class Refine(Stage):
     name = "refine"
+    config_class = RefineConfig
 
     def __init__(self, cfg: RefineConfig) -> None:
         super().__init__(cfg)

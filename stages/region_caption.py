@@ -6,16 +6,31 @@ box was grounded from: a bare crop loses context and invites hallucination (desi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from engine.config import RegionCaptionConfig
+from engine.config import GenerationConfig, ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from stages.base import Stage
 from stages.text import first_sentence
 from stages.vlm import ChatVLM
+
+
+class RegionCaptionConfig(Strict):
+    model: ModelRef
+    prompt: str
+    box_format: Literal["qwen2vl", "pixels", "relative"] = "qwen2vl"
+    mark_box: bool = True
+    mark_color: str = "red"
+    mark_width_frac: float = Field(0.006, ge=0, le=0.1)
+    generation: GenerationConfig = GenerationConfig()
+    max_image_side: int = Field(1344, ge=32)
+    max_words: int = Field(40, ge=1)
+    regions_per_call: int = Field(8, ge=1)
+    resources: Resources = Resources()
 
 
 def format_box(box: list[float], width: int, height: int, style: str, shown: tuple[int, int]) -> str:
@@ -50,6 +65,7 @@ def outline(
 
 class RegionCaption(Stage):
     name = "region_caption"
+    config_class = RegionCaptionConfig
 
     def __init__(self, cfg: RegionCaptionConfig) -> None:
         super().__init__(cfg)

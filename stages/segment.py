@@ -8,19 +8,37 @@ Backends: transformers `Sam2Model` (default) or the official `sam2` package (`SA
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pydantic import Field, model_validator
 from transformers import AutoModel, AutoProcessor
 
-from engine.config import SegmentConfig
+from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from engine.models import load_model, load_processor, pick_device
 from stages.base import Stage
+
+
+class SegmentConfig(Strict):
+    """SAM 2 masks from region boxes: transformers Sam2Model, or the official `sam2` package."""
+
+    enabled: bool = False
+    backend: Literal["transformers", "sam2"] = "transformers"
+    model: ModelRef | None = None
+    box_margin: float = Field(0.1, ge=0, le=1)
+    images_per_call: int = Field(4, ge=1)
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _enabled_names_a_model(self) -> SegmentConfig:
+        if self.enabled and self.model is None:
+            raise ValueError("enabled but names no model (set stages.segment.model.name)")
+        return self
 
 
 def clip_to_box(mask: np.ndarray, box: list[float], margin: float) -> np.ndarray:
@@ -90,6 +108,7 @@ class OfficialSam2:
 
 class Segment(Stage):
     name = "segment"
+    config_class = SegmentConfig
 
     def __init__(self, cfg: SegmentConfig) -> None:
         super().__init__(cfg)

@@ -35,7 +35,7 @@ def engine_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def input_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """The 100 fixture images plus every kind of bad input (truncated, empty, non-image, bomb, duplicate)."""
-    from pipelines.make_fixture import write_bad_inputs
+    from scaffold.make_fixture import write_bad_inputs
 
     folder = tmp_path_factory.mktemp("inputs")
     for path in FIXTURE.iterdir():
@@ -88,3 +88,59 @@ def kill_when(command: list[str], env: dict[str, str], ready, what: str, timeout
             os.killpg(proc.pid, signal.SIGKILL)  # and whatever local Ray processes it left behind
         except ProcessLookupError:
             pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on 127.0.0.1 (moto's server), for the whole session; yields its URL."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """Point pyarrow (and any subprocess given this env) at the local S3 endpoint."""
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def make_bucket(name: str) -> None:
+    """Create a bucket on the endpoint in the environment (the engine itself never creates buckets)."""
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}")
+    fs.create_dir(name)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import GroundingConfig, ModelRef
-from engine.tiny_models import ensure_tiny_model
-from stages.grounding import build_prompt, phrase_token_indices, select_boxes
+from engine.config import ModelRef
+from scaffold.tiny_models import ensure_tiny_model
+from stages.grounding import GroundingConfig, build_prompt, phrase_token_indices, select_boxes
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.tiny_models import ensure_tiny_model
+from scaffold.tiny_models import ensure_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 

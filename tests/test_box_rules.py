@@ -1,7 +1,6 @@
 """Geometric region rules and duplicate removal."""
 
-from engine.config import BoxRulesConfig
-from stages.box_rules import apply_box_rules, geometry_problem
+from stages.box_rules import BoxRulesConfig, apply_box_rules, geometry_problem
 
 CFG = BoxRulesConfig(min_side=4, min_area_frac=0.001, max_area_frac=0.9, max_aspect=5, duplicate_iou=0.8)
 

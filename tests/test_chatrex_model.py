@@ -19,7 +19,7 @@ from chatrex.configuration import ChatRexConfig  # noqa: E402
 from chatrex.modeling import ChatRexForConditionalGeneration  # noqa: E402
 from chatrex.parsing import Grounding  # noqa: E402
 from chatrex.processor import IMAGE_TOKEN, OBJECT_TOKEN, ChatRexProcessor  # noqa: E402
-from chatrex.tiny import TINY_NAME, build_tiny_chatrex, ensure_tiny_chatrex, resolve_chatrex  # noqa: E402
+from scaffold.tiny_chatrex import TINY_NAME, build_tiny_chatrex, ensure_tiny_chatrex, resolve_chatrex  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -344,7 +344,7 @@ def test_siglip_tower_and_tied_llm_round_trip(cache, tmp_path):
         SiglipVisionModel,
     )
 
-    from engine.tiny_models import ensure_tiny_model
+    from scaffold.tiny_models import ensure_tiny_model
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model("qwen2-lm", cache))
@@ -395,7 +395,7 @@ def test_flatten_roi_pooling_keeps_the_grid_and_round_trips(tmp_path):
     import torch
 
     from chatrex.modeling import ChatRexForConditionalGeneration
-    from chatrex.tiny import ensure_tiny_chatrex
+    from scaffold.tiny_chatrex import ensure_tiny_chatrex
 
     model = ChatRexForConditionalGeneration.from_pretrained(ensure_tiny_chatrex())
     config = model.config

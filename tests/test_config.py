@@ -2,7 +2,14 @@
 
 import pytest
 
-from engine.config import ConfigError, apply_overrides, load_config
+from engine.config import ConfigError, apply_overrides
+from engine.config import load_config as load_any
+from pipelines.rexverse2m import JobConfig
+
+
+def load_config(path, overrides=None):
+    return load_any(path, JobConfig, overrides)
+
 
 FIXTURE = "configs/fixture.yaml"
 
@@ -38,5 +45,41 @@ def test_content_hash_ignores_resources_but_not_thresholds():
 
 
 def test_enabled_stage_needs_a_model():
-    with pytest.raises(ConfigError, match="stages.segment is enabled but names no model"):
+    with pytest.raises(ConfigError, match="stages.segment: .*enabled but names no model"):
         load_config(FIXTURE, ["stages.segment.model=null", "stages.segment.enabled=true"])
+
+
+def test_each_stage_owns_its_config_and_the_engine_imports_no_stage():
+    """The job file composes: engine modules import no stage and no scaffolding (in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, engine.pipeline, engine.sink, engine.config, engine.stage, engine.models;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('stages', 'scaffold', 'chatrex'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    from stages.grounding import Grounding, GroundingConfig
+
+    assert Grounding.config_class is GroundingConfig
+    assert JobConfig.model_fields["stages"].annotation.model_fields["grounding"].annotation is GroundingConfig
+
+
+def test_fused_groups_must_be_consecutive_known_stages_and_take_the_largest_resources():
+    from engine.pipeline import group_resources, stage_groups
+    from pipelines.rexverse2m import STAGES
+
+    cfg = load_config(FIXTURE, ["ray.fuse=[[caption, phrases], [refine, filter]]"])
+    groups = [[stage.name for stage, _ in group] for group in stage_groups(STAGES, cfg)]
+    assert groups[:3] == [["decode"], ["caption", "phrases"], ["grounding"]]
+    assert ["refine", "filter"] in groups and sum(len(g) for g in groups) == len(STAGES)
+    real = load_config("configs/rexverse2m.yaml")
+    first = stage_groups(STAGES, real)[1]
+    assert [s.name for s, _ in first] == ["caption", "phrases", "grounding", "box_rules", "region_caption"]
+    assert group_resources(first).num_gpus == 1 and group_resources(first).num_cpus == 4
+    with pytest.raises(ConfigError, match="consecutive"):
+        load_config(FIXTURE, ["ray.fuse=[[caption, grounding]]"])
+    with pytest.raises(ConfigError, match="unknown stages"):
+        load_config(FIXTURE, ["ray.fuse=[[caption, captions]]"])

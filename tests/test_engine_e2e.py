@@ -15,7 +15,7 @@ from conftest import FIXTURE_CONFIG, ROOT, SCRIPT, kill_when, run_engine
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from engine.stats import STAGE_ORDER
+from pipelines.rexverse2m import STAGES
 from schemas import validate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -62,7 +62,8 @@ def test_counts_add_up_and_every_stage_processed_items(fixture_run, input_dir):
     assert set(index["source_uri"]).isdisjoint(rejects["uri"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["records"] == len(index) and manifest["counts"]["rejects"] == len(rejects)
-    for stage in STAGE_ORDER:
+    assert list(manifest["stages"])[: len(STAGES)] == [stage.name for stage in STAGES]
+    for stage in manifest["stage_order"]:
         assert manifest["stages"][stage]["images_in"] > 0, stage
         assert manifest["stages"][stage]["seconds"] > 0, stage
     assert manifest["stages"]["filter"]["images_out"] == len(index)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from pipelines.make_fixture import (
+from scaffold.make_fixture import (
     BOMB_SIZE,
     CATEGORIES,
     COLORS,
@@ -76,8 +76,8 @@ def test_committed_fixture_matches_generator(tmp_path: Path) -> None:
     info = _coco_json()["info"]
     generate_fixture(tmp_path, n=len(_coco_json()["images"]), seed=info["seed"])
     committed, fresh = _tree_hashes(FIXTURE), _tree_hashes(tmp_path)
-    assert sorted(committed) == sorted(fresh), "file lists differ; rerun pipelines/make_fixture.py"
-    hint = "regenerate with `python pipelines/make_fixture.py --out tests/fixtures/fixture100` if intended"
+    assert sorted(committed) == sorted(fresh), "file lists differ; rerun scaffold/make_fixture.py"
+    hint = "regenerate with `python scaffold/make_fixture.py --out tests/fixtures/fixture100` if intended"
     for name in committed:
         if name.endswith((".json", ".md")):
             assert committed[name] == fresh[name], f"{name} differs from the generator; {hint}"

@@ -2,8 +2,8 @@
 
 import torch
 
-from engine.config import GroundingConfig, ModelRef
-from stages.grounding import build_prompt, phrase_token_indices, select_boxes
+from engine.config import ModelRef
+from stages.grounding import GroundingConfig, build_prompt, phrase_token_indices, select_boxes
 
 
 def cfg(**kw):

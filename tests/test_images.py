@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from engine.images import DecodeLimits, ImageRejected, decode
-from pipelines.make_fixture import write_bad_inputs
+from scaffold.make_fixture import write_bad_inputs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
 LIMITS = DecodeLimits(

@@ -2,8 +2,7 @@
 
 import pytest
 
-from engine.config import PhrasesConfig
-from stages.phrases import Phrases, extract_phrases
+from stages.phrases import Phrases, PhrasesConfig, extract_phrases
 
 ABSTRACT = {"image", "background", "picture"}
 

@@ -1,4 +1,4 @@
-"""Shard sink: atomic parts, readers, rejects, duplicate keys, interrupted-part clean-up, resume state."""
+"""Part writer: atomic parts, readers, rejects, duplicate keys, retried tasks, clean-up, resume state."""
 
 import copy
 import hashlib
@@ -10,7 +10,8 @@ import webdataset as wds
 from test_schema import valid_record
 
 from engine.items import Item
-from engine.sink import ShardSink, clean_uncommitted, load_committed, merge_rejects
+from engine.sink import PartWriter, clean_uncommitted, load_committed, merge_rejects
+from engine.storage import Folder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
 JPEGS = sorted(FIXTURE.glob("scene_*.jpg"))
@@ -32,59 +33,95 @@ def reject_item(n: int) -> Item:
 
 
 def test_parts_commit_atomically_and_read_back(tmp_path):
-    sink = ShardSink(tmp_path, shard_size=2, max_pending_rejects=100, committed=load_committed(tmp_path))
+    out = Folder(tmp_path)
+    writer = PartWriter(out, "run1", 3, shard_size=2, max_pending_rejects=100)
     for n in range(5):
-        sink.add(record_item(n))
-    sink.add(reject_item(0))
+        writer.add(record_item(n))
+    writer.add(reject_item(0))
     broken = record_item(7)
     broken.record["regions"][0]["referring"] = ""
-    sink.add(broken)
+    writer.add(broken)
     duplicate = record_item(1)
     duplicate.uri = duplicate.record["source"]["uri"] = "/in/copy.jpg"
-    sink.add(duplicate)
-    sink.close()
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
-        "000000.tar",
-        "000001.tar",
-        "000002.tar",
-    ]
-    assert not list((tmp_path / "_tmp").iterdir())
+    writer.add(duplicate)
+    results = writer.close()
+    names = ["run1-00003-000", "run1-00003-001", "run1-00003-002"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"{n}.tar" for n in names]
+    assert [r["part"] for r in results] == names
+    assert sum(len(r["uris"]) for r in results) == 8 and sum(r["records"] for r in results) == 5
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
 
     index = pd.read_parquet(tmp_path / "index")
     assert len(index) == 5 and index["key"].is_unique
-    samples = list(wds.WebDataset(str(tmp_path / "shards" / "{000000..000002}.tar"), shardshuffle=False))
+    assert set(index["shard"]) <= {f"{n}.tar" for n in names}
+    samples = list(
+        wds.WebDataset(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), shardshuffle=False)
+    )
     assert len(samples) == 5
     first = json.loads(samples[0]["json"])
     assert first["key"] == samples[0]["__key__"] and samples[0]["jpg"][:2] == b"\xff\xd8"
 
-    assert merge_rejects(tmp_path) == 3
+    assert merge_rejects(out) == 3
     rejects = pd.read_parquet(tmp_path / "rejects.parquet").set_index("uri")
     assert rejects.loc["/in/bad0.jpg", "stage"] == "decode"
     assert rejects.loc["/in/7.jpg", "reason"].startswith("invalid record: regions[0].referring")
     assert rejects.loc["/in/copy.jpg", "reason"].startswith("duplicate")
 
-    state = load_committed(tmp_path)
-    assert state.records == 5 and state.rejects == 3 and state.next_part == 3
+    state = load_committed(out)
+    assert state.records == 5 and state.rejects == 3 and state.parts == names
     assert {"/in/0.jpg", "/in/bad0.jpg", "/in/copy.jpg"} <= state.uris
     assert state.stats.stages["caption"].images_in == 7  # 5 records + broken + duplicate carried the trace
     assert state.stats.stages["schema"].rejected["invalid record"] == 1
 
 
-def test_uncommitted_part_is_removed_and_numbering_continues(tmp_path):
-    sink = ShardSink(tmp_path, shard_size=2, max_pending_rejects=100, committed=load_committed(tmp_path))
+def test_a_retried_write_task_keeps_its_committed_parts_and_writes_nothing_twice(tmp_path):
+    out = Folder(tmp_path)
+    first = PartWriter(out, "run1", 0, shard_size=2)
     for n in range(3):
-        sink.add(record_item(n))  # part 0 committed, item 2 pending in _tmp
-    # simulate a kill half-way through committing the next part: files renamed, no marker
-    (tmp_path / "shards" / "000001.tar").write_bytes(b"partial")
-    (tmp_path / "index" / "000001.parquet").write_bytes(b"partial")
-    removed = clean_uncommitted(tmp_path)
-    assert sorted(Path(p).name for p in removed) == ["000001.parquet", "000001.tar"]
-    assert not (tmp_path / "_tmp").exists()
-    state = load_committed(tmp_path)
-    assert state.records == 2 and state.next_part == 1
-    resumed = ShardSink(tmp_path, shard_size=2, max_pending_rejects=100, committed=state)
+        first.add(record_item(n))
+    first.commit()  # part 000 and 001 committed; then the task "dies" and Ray runs it again
+    retry = PartWriter(out, "run1", 0, shard_size=2)
+    for n in range(3):
+        retry.add(record_item(n))
+    results = retry.close()
+    assert [r["records"] for r in results] == [2, 1]
+    index = pd.read_parquet(tmp_path / "index")
+    assert sorted(index["source_uri"]) == ["/in/0.jpg", "/in/1.jpg", "/in/2.jpg"]
+
+
+def test_uncommitted_part_is_removed_and_resume_skips_committed_keys(tmp_path):
+    out = Folder(tmp_path)
+    writer = PartWriter(out, "run1", 0, shard_size=2)
+    for n in range(3):
+        writer.add(record_item(n))  # part 000 committed, item 2 pending
+    # simulate a kill half-way through committing the next part: files written, no marker
+    (tmp_path / "shards" / "run1-00000-001.tar").write_bytes(b"partial")
+    (tmp_path / "index" / "run1-00000-001.parquet").write_bytes(b"partial")
+    (tmp_path / "shards" / ".run1-00000-002.tar.tmp").write_bytes(b"partial")
+    removed = clean_uncommitted(out)
+    assert sorted(Path(p).name for p in removed) == [
+        ".run1-00000-002.tar.tmp",
+        "run1-00000-001.parquet",
+        "run1-00000-001.tar",
+    ]
+    state = load_committed(out)
+    assert state.records == 2 and state.parts == ["run1-00000-000"]
+    resumed = PartWriter(out, "run2", 0, shard_size=2, known_keys=set(state.key_owners))
     resumed.add(record_item(0))  # already committed key -> reject, not a second copy
     resumed.add(record_item(2))
     resumed.close()
     index = pd.read_parquet(tmp_path / "index")
     assert sorted(index["source_uri"]) == ["/in/0.jpg", "/in/1.jpg", "/in/2.jpg"]
+
+
+def test_old_numbered_parts_still_resume(tmp_path):
+    """Outputs of engine v1 named parts NNNNNN; they load and clean the same way."""
+    out = Folder(tmp_path)
+    writer = PartWriter(out, "run1", 0, shard_size=5)
+    writer.add(record_item(0))
+    writer.close()
+    for sub, ext in (("shards", "tar"), ("index", "parquet"), ("_commits", "json")):
+        (tmp_path / sub / f"run1-00000-000.{ext}").rename(tmp_path / sub / f"000000.{ext}")
+    assert clean_uncommitted(out) == []
+    state = load_committed(out)
+    assert state.records == 1 and "/in/0.jpg" in state.uris

@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from engine.config import ModelRef, ProposalsConfig
+from engine.config import ModelRef
 from engine.dedupe import KeyRegistry
 from stages.filter import context_crop, grounded_caption
-from stages.proposals import select_proposals
+from stages.proposals import ProposalsConfig, select_proposals
 from stages.region_caption import format_box, outline
 from stages.segment import clip_to_box, encode_rle
 

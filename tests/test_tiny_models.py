@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from engine import tiny_models  # noqa: E402
-from engine.tiny_models import TINY_PREFIX, available, ensure_tiny_model, resolve_model  # noqa: E402
+from scaffold import tiny_models  # noqa: E402
+from scaffold.tiny_models import TINY_PREFIX, available, ensure_tiny_model, resolve_model  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,7 +97,7 @@ def test_cli_rebuild_is_byte_identical(cache: Path, tmp_path: Path) -> None:
     """A fresh process (fresh hash seeds, fresh RNG) must write the same bytes: CI caches depend on it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.tiny_models", "--cache", str(tmp_path)],
+        [sys.executable, "-m", "scaffold.tiny_models", "--cache", str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from engine.tiny_models import resolve_model
+from engine.models import resolve_model
 
 __all__ = [
     "GroundingDinoPy",

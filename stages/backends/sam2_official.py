@@ -2,7 +2,7 @@
 
 Usage::
 
-    segmenter = Sam2Official("tiny:sam2-official")          # the 128 px tiny model of engine.tiny_models
+    segmenter = Sam2Official("tiny:sam2-official")          # the 128 px tiny model of scaffold.tiny_models
     segmenter = Sam2Official("/models/my-sam2")              # a folder: build.json + checkpoint
     segmenter = Sam2Official.from_checkpoint(                # released weights, hydra config of the package
         "sam2.1_hiera_l.yaml", "/models/sam2.1_hiera_large.pt", device="cuda"
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.tiny_models import resolve_model
+from engine.models import resolve_model
 
 __all__ = ["Sam2Official", "config_name", "feature_sizes"]
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from engine import tiny_models
-from engine.tiny_models import TINY_PREFIX, build_atomically, cache_root, ensure_tiny_model
+from scaffold import tiny_models
+from scaffold.tiny_models import TINY_PREFIX, build_atomically, cache_root, ensure_tiny_model
 
 __all__ = ["TINY_NAME", "build_tiny_chatrex", "ensure_tiny_chatrex", "resolve_chatrex"]
 
 TINY_NAME = f"{TINY_PREFIX}chatrex"
 _SEED = 0
-_SOURCES = ("configuration.py", "modeling.py", "processor.py", "parsing.py", "tiny.py")
+_SOURCES = ("configuration.py", "modeling.py", "processor.py", "parsing.py")
 # Share the factory's lock when it has one: model init draws from torch's global RNG, and two builders in
 # two threads of one process would interleave their draws.
 _BUILD_LOCK = getattr(tiny_models, "_BUILD_LOCK", None) or threading.RLock()
@@ -85,7 +85,7 @@ def build_tiny_chatrex(out_dir: str | Path, cache_dir: Path | None = None) -> Pa
 
 
 def ensure_tiny_chatrex(cache_dir: Path | None = None) -> Path:
-    """The cached tiny ChatRex folder, built atomically on first use (as `engine.tiny_models` does)."""
+    """The cached tiny ChatRex folder, built atomically on first use (as `scaffold.tiny_models` does)."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     return build_atomically(
         root / f"chatrex-{_spec_hash(cache_dir)}", lambda tmp: build_tiny_chatrex(tmp, cache_dir)
@@ -102,9 +102,9 @@ def resolve_chatrex(name_or_path: str) -> str:
 def _spec_hash(cache_dir: Path | None) -> str:
     """Hash of the ChatRex code and the parts' folder names (those hash the factory and library versions)."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _SOURCES:
-        h.update((here / name).read_bytes())
+    chatrex_dir = Path(__file__).resolve().parents[1] / "chatrex"
+    for path in [*(chatrex_dir / name for name in _SOURCES), Path(__file__)]:
+        h.update(path.read_bytes())
     for part in ("qwen2-lm", "clip"):
         h.update(ensure_tiny_model(part, cache_dir).name.encode())
     return h.hexdigest()[:10]

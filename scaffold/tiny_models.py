@@ -149,8 +149,8 @@ def build_atomically(final: Path, build: Callable[[Path], object]) -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """Map `tiny:<name>` to its built folder; return any other model id or path unchanged."""
-    if name_or_path == f"{TINY_PREFIX}chatrex":  # built from these parts by chatrex/tiny.py
-        from chatrex.tiny import ensure_tiny_chatrex
+    if name_or_path == f"{TINY_PREFIX}chatrex":  # built from these parts by tiny_chatrex.py
+        from scaffold.tiny_chatrex import ensure_tiny_chatrex
 
         return str(ensure_tiny_chatrex())
     if name_or_path.startswith(TINY_PREFIX):
@@ -690,7 +690,7 @@ def _build_sam2_official(out: Path) -> None:
 # embeddings of text positions and query boxes. `rexverse_swin` is not a package key: the loader in
 # stages.backends.groundingdino_py builds the Swin backbone with these sizes instead of the swin_T preset.
 _GROUNDINGDINO_TINY_CONFIG = """\
-# Tiny random Grounding DINO for tests (engine/tiny_models.py). Load with stages.backends.groundingdino_py.
+# Tiny random Grounding DINO for tests (scaffold/tiny_models.py). Load with stages.backends.groundingdino_py.
 batch_size = 1
 modelname = "groundingdino"
 backbone = "swin_T_224_1k"
@@ -787,8 +787,8 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.tiny_models [--cache DIR] [names...]`: build (or find) and print each folder."""
-    parser = argparse.ArgumentParser(prog="python -m engine.tiny_models", description=main.__doc__)
+    """`python -m scaffold.tiny_models [--cache DIR] [names...]`: build (or find) and print each folder."""
+    parser = argparse.ArgumentParser(prog="python -m scaffold.tiny_models", description=main.__doc__)
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: {cache_root()})")
     parser.add_argument(
         "names", nargs="*", help=f"models to build (default: all of {', '.join(available())})"

@@ -1,0 +1,153 @@
+"""The stage contract the engine runs: skip rejected items, time the work, contain failures to their items.
+
+A stage is a callable class (design §4): constructed once per Ray actor (model load), called per batch,
+same rows out as in. It is equally usable without Ray: `Caption(cfg)(batch)`. Each stage module defines
+its config class next to its code and names it in `config_class`; the job file lists the stages in order
+and the engine runs that list without importing any stage itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from engine.config import Resources, Strict, strip_resources
+from engine.dedupe import KeyRegistry
+from engine.items import Item, batch_to_items, items_to_batch
+
+
+def set_torch_threads(n: int) -> None:
+    """Pin intra-op threads per actor (several actors share a node's cores); only where torch is used.
+
+    A stage that uses torch imported it with its module, before construction; one that does not (decode)
+    never pays for importing it.
+    """
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """Short stable hash of a stage's settings, for provenance."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class RunContext:
+    """What a stage may need from the run beyond its config: today the run's key registry (dedupe).
+
+    In-process runs hand the registry itself; Ray runs name the registry actor, which workers look up.
+    """
+
+    registry: KeyRegistry | None = None
+    registry_name: str | None = None
+    namespace: str = ""
+
+
+class Stage:
+    """Subclasses set `name`, `config_class`, optionally `unit` (what they count inside an image) and
+    implement `process`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[Strict]]
+    unit: ClassVar[str] = "regions"
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        """Optional stages carry `enabled` in their config; the others always run."""
+        return bool(getattr(cfg, "enabled", True))
+
+    @classmethod
+    def constructor_kwargs(cls, cfg: Any, context: RunContext) -> dict[str, Any]:
+        """Keyword arguments that build this stage in a worker (override to take more from the run)."""
+        return {"cfg": cfg}
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        resources: Resources | None = getattr(cfg, "resources", None)
+        if resources is not None:
+            set_torch_threads(resources.torch_threads)
+        params = cfg.model_dump(mode="json")
+        strip_resources(params)
+        model = getattr(cfg, "model", None)
+        self.provenance = {
+            "model": getattr(model, "name", None) or getattr(cfg, "spacy_model", ""),
+            "revision": getattr(model, "revision", None),
+            "params": params_hash(params),
+        }
+
+    def process(self, items: list[Item]) -> None:
+        """Mutate `items` in place: add to `item.record`, or `item.reject(...)` / `item.drop(...)`."""
+        raise NotImplementedError
+
+    def count(self, item: Item) -> int:
+        if item.record is None or not self.unit:
+            return 0
+        return len(item.record.get(self.unit, []))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        items = batch_to_items(batch)
+        self.run(items)
+        return items_to_batch(items)
+
+    def run(self, items: list[Item]) -> None:
+        """Process the live items; if the batch fails as a whole, retry one by one so only culprits reject."""
+        live = [item for item in items if item.ok]
+        if not live:
+            return
+        counts_in = [self.count(item) for item in live]
+        snapshots = [_snapshot(item) for item in live]
+        start = time.perf_counter()
+        try:
+            self.process(live)
+        except Exception:
+            for item, snapshot in zip(live, snapshots, strict=True):
+                _restore(item, snapshot)
+                self._process_alone(item)
+        seconds = (time.perf_counter() - start) / len(live)
+        for item, n_in in zip(live, counts_in, strict=True):
+            n_out = self.count(item) if item.ok else 0
+            item.trace[self.name] = {"seconds": seconds, "in": n_in, "out": n_out}
+            if item.ok and item.record is not None:
+                item.record.setdefault("provenance", {}).setdefault(self.name, {}).update(self.provenance)
+
+    def _process_alone(self, item: Item) -> None:
+        snapshot = _snapshot(item)
+        try:
+            self.process([item])
+        except Exception as exc:
+            _restore(item, snapshot)
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            item.reject(self.name, f"stage error: {detail}")
+
+
+def _snapshot(item: Item) -> tuple:
+    return copy.deepcopy(item.record), item.image, item.error_stage, item.error_reason
+
+
+def _restore(item: Item, snapshot: tuple) -> None:
+    item.record, item.image, item.error_stage, item.error_reason = snapshot
+
+
+class StageGroup:
+    """Several consecutive stages in one actor: one process, one import of torch, one model load when two
+    of them name the same model (`engine.models` shares loaded models within a process).
+
+    Each member keeps its own config, trace, statistics and provenance; only where they run changes.
+    """
+
+    def __init__(self, members: Sequence[tuple[type[Stage], dict[str, Any]]], torch_threads: int = 1) -> None:
+        self.stages = [stage(**kwargs) for stage, kwargs in members]
+        set_torch_threads(torch_threads)  # each member set its own; the group runs with the largest
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        items = batch_to_items(self.stages[0](batch))  # the first may be decode, which takes the listing
+        for stage in self.stages[1:]:
+            stage.run(items)
+        return items_to_batch(items)
