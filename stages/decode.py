@@ -76,7 +76,11 @@ class Decode:
         item = Item(key="", uri=uri, image=b"", record=None)
         try:
             data = read_bytes(
-                str(batch["path"][i]), int(batch["offset"][i]), int(batch["size"][i]), self.cfg.max_bytes
+                str(batch["path"][i]),
+                int(batch["offset"][i]),
+                int(batch["size"][i]),
+                self.cfg.max_bytes,
+                problem=str(batch["problem"][i] or "") if "problem" in batch else "",
             )
         except ReadError as exc:
             item.reject(NAME, str(exc))
