@@ -22,7 +22,9 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -42,6 +44,7 @@ MAX_TAR_METADATA_BYTES = 1 << 20
 # object store are two requests each; one larger read covers the headers of every member it spans (measured
 # on moto, 2000 members of 20 kB: 50.6 s unbuffered, 0.47 s at 1 MiB). Members bigger than this are skipped.
 TAR_LISTING_READ_BYTES = 1 << 20
+LISTING_THREADS = 8  # inputs (tar shards, tables) listed ahead at once when a spec names several
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -442,13 +445,33 @@ def _stem(location: str) -> str:
     return Path(location).stem
 
 
+def _listings(locations: list[str], dataset: str) -> Iterator[Iterable[SourceItem]]:
+    """The listing of each location, in order. With several (e.g. a glob of tar shards), the next few are
+    listed ahead in threads: listing an object store waits on requests, not on the CPU."""
+    if len(locations) == 1:  # lazily, so --limit stops a huge folder walk early
+        yield _list_one(locations[0], dataset or _stem(locations[0]))
+        return
+    pool = ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="list")
+    try:
+        ahead: deque[Future[list[SourceItem]]] = deque()
+        pending = iter(locations)
+        for location in pending:
+            ahead.append(pool.submit(lambda loc: list(_list_one(loc, dataset or _stem(loc))), location))
+            if len(ahead) >= LISTING_THREADS:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def list_inputs(specs: list[str], dataset: str = "", limit: int | None = None) -> list[SourceItem]:
     """All images named by the --input specs, in stable order, de-duplicated by uri, cut at `limit`."""
     items: list[SourceItem] = []
     seen: set[str] = set()
     for spec in specs:
-        for location in _expand(spec):
-            for item in _list_one(location, dataset or _stem(location)):
+        for listing in _listings(_expand(spec), dataset):
+            for item in listing:
                 if item.uri not in seen:
                     seen.add(item.uri)
                     items.append(item)

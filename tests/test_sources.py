@@ -193,9 +193,14 @@ def test_webdataset_siblings_locate_caption_members(tmp_path):
         _member(tar, "ok/scene_000.txt", b"a caption")
         _member(tar, "ok/scene_000.json", b'{"k": 1}')
 
+        _member(tar, "long/" + "x" * 200 + ".jpg", SCENES[0].read_bytes())  # a pax long-name header
+
     tar_path = _write_tar(tmp_path / "wds.tar", captions)
     items = list_inputs([str(tar_path)])
-    assert [i.uri.split("#")[1] for i in items] == [f"ok/{s.name}" for s in SCENES]
+    assert [i.uri.split("#")[1] for i in items] == [f"ok/{s.name}" for s in SCENES] + [
+        "long/" + "x" * 200 + ".jpg"
+    ]
+    assert read_bytes(items[3].path, items[3].offset, items[3].size, 1 << 20) == SCENES[0].read_bytes()
     siblings = json.loads(items[0].siblings)
     assert sorted(siblings) == ["json", "txt"] and items[1].siblings == ""
     offset, size = siblings["txt"]
