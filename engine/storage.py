@@ -1,33 +1,92 @@
-"""One way to reach files everywhere: local paths and object-store URIs (s3://, gs://) through pyarrow.fs.
+"""Where a file lives: a local path or an object-store URI, and the `pyarrow.fs` filesystem that opens it.
 
-Endpoint and credentials come from the standard environment variables (`AWS_ENDPOINT_URL`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, or Google's), which pyarrow reads itself.
-`Folder` is an output folder on any of them: relative paths, atomic-enough writes (local: write then
-rename; object stores: one PUT per object, which is atomic per object), listing and deletion.
+Every location the engine carries between processes is a plain string (a local absolute path or a URI such as
+`s3://bucket/key`), so a listing made on the driver can be read on any node: a worker rebuilds the filesystem
+from the string. Object-store filesystems are cached per scheme and bucket, because building one resolves
+credentials. Endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), which `FileSystem.from_uri` reads itself
+(the `S3FileSystem()` constructor does not read `AWS_ENDPOINT_URL`, so always go through `from_uri`).
+`gs://` goes through the same code; only `s3://` is tested here (against a local S3 server).
+
+`Folder` is an output folder on any of them: relative paths, atomic-enough writes (local: write then rename;
+object stores: one PUT per object, atomic per object), listing and deletion.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
 
 import pyarrow.fs as pafs
 
+OBJECT_SCHEMES = ("s3", "gs", "gcs")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_LOCAL = pafs.LocalFileSystem()
+_CACHE: dict[tuple[str, str], pafs.FileSystem] = {}
+_LOCK = threading.Lock()
 
-def is_uri(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
+
+class StorageError(ValueError):
+    """A location that no supported filesystem can open (unknown scheme, no bucket)."""
+
+
+def scheme_of(location: str) -> str:
+    """The URI scheme, lower case; "" for a plain local path."""
+    match = _SCHEME.match(location)
+    return match.group(1).lower() if match else ""
+
+
+def is_remote(location: str) -> bool:
+    """True for object-store URIs; plain paths and file:// URIs are local."""
+    return scheme_of(location) not in ("", "file")
+
+
+def local_path(location: str) -> str:
+    """The absolute local path of a plain path or a file:// URI."""
+    if scheme_of(location) == "file":
+        location = location[len("file://") :]
+    return os.path.abspath(location)
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """`s3://bucket/a/b/` -> ("s3", "bucket", "a/b"); the key may be empty."""
+    scheme = scheme_of(uri)
+    if scheme not in OBJECT_SCHEMES:
+        raise StorageError(
+            f"{uri}: unsupported URI scheme {scheme!r}; use a local path, file://, "
+            + ", ".join(f"{s}://" for s in OBJECT_SCHEMES)
+        )
+    rest = uri[len(scheme) + 3 :].strip("/")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in the URI")
+    return scheme, bucket, key
 
 
 def filesystem_for(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path, a file:// URI or an object-store URI."""
-    if is_uri(location):
-        fs, path = pafs.FileSystem.from_uri(location)
-        return fs, path.rstrip("/")
-    local = location.removeprefix("file://")
-    return pafs.LocalFileSystem(), os.path.abspath(local)
+    """The filesystem and the path inside it for a local path, a file:// URI or an object-store URI."""
+    if not is_remote(location):
+        return _LOCAL, local_path(location)
+    scheme, bucket, key = split_uri(location)
+    with _LOCK:
+        fs = _CACHE.get((scheme, bucket))
+        if fs is None:
+            try:
+                fs = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+            except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+                raise StorageError(f"{location}: cannot open a {scheme} filesystem: {exc}") from exc
+            _CACHE[(scheme, bucket)] = fs
+    return fs, f"{bucket}/{key}" if key else bucket
+
+
+def to_uri(scheme: str, fs_path: str) -> str:
+    """The URI of a path inside an object-store filesystem (the inverse of `filesystem_for`)."""
+    return f"{scheme}://{fs_path}"
 
 
 class Folder:
@@ -36,7 +95,7 @@ class Folder:
     def __init__(self, location: str | os.PathLike[str]) -> None:
         self.location = str(location)
         self.fs, self.root = filesystem_for(self.location)
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.local = not is_remote(self.location)
 
     def __reduce__(self) -> tuple:  # rebuilt from its location in each worker (credentials from env)
         return (Folder, (self.location,))
@@ -54,7 +113,8 @@ class Folder:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 
     def is_empty(self) -> bool:
-        return not self.exists() or not self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
+        return not self.exists() or not self.fs.get_file_info(selector)
 
     def mkdirs(self, relative: str = "") -> None:
         if self.local:  # object stores have no folders; creating a "bucket" is never the engine's job

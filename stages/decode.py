@@ -111,7 +111,11 @@ class Decode(Stage):
         where = self._where[item.uri]
         try:
             data = read_bytes(
-                str(where["path"]), int(where["offset"]), int(where["size"]), self.cfg.max_bytes
+                str(where["path"]),
+                int(where["offset"]),
+                int(where["size"]),
+                self.cfg.max_bytes,
+                problem=str(where["problem"] or ""),
             )
         except ReadError as exc:
             item.reject(NAME, str(exc))

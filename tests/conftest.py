@@ -35,7 +35,7 @@ def engine_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def input_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """The 100 fixture images plus every kind of bad input (truncated, empty, non-image, bomb, duplicate)."""
-    from scaffold.make_fixture import write_bad_inputs
+    from pipelines.make_fixture import write_bad_inputs
 
     folder = tmp_path_factory.mktemp("inputs")
     for path in FIXTURE.iterdir():
@@ -90,7 +90,17 @@ def kill_when(command: list[str], env: dict[str, str], ready, what: str, timeout
             pass
 
 
-def free_port() -> int:
+# --- a local S3 endpoint (moto's server) for object-storage tests ------------------------------------------
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never probe a cloud metadata service for credentials
+}
+
+
+def _free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -99,48 +109,65 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 endpoint on 127.0.0.1 (moto's server), for the whole session; yields its URL."""
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 at a free port for the whole session; yields its endpoint URL."""
     import time
+    import urllib.error
     import urllib.request
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 60
         while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited ({proc.returncode}): {log.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(url, timeout=2)
+                urllib.request.urlopen(url, timeout=1).close()
                 break
+            except urllib.error.HTTPError:
+                break  # it answered
             except OSError:
-                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
-                time.sleep(0.3)
+                if time.time() > deadline:
+                    pytest.fail(f"moto server not up within 60 s: {log.read_text()[-2000:]}")
+                time.sleep(0.1)
         yield url
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch) -> dict[str, str]:
-    """Point pyarrow (and any subprocess given this env) at the local S3 endpoint."""
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    """Point pyarrow (and anything else that reads the standard AWS variables) at the session's S3 server.
+
+    Returns the variables, to merge into the environment of engine subprocesses.
+    """
+    env = {"AWS_ENDPOINT_URL": s3_server, **S3_CREDENTIALS}
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     return env
 
 
-def make_bucket(name: str) -> None:
-    """Create a bucket on the endpoint in the environment (the engine itself never creates buckets)."""
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh empty bucket on the session's S3 server (the engine never creates buckets; tests do)."""
+    import uuid
+
     import pyarrow.fs as pafs
 
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}")
-    fs.create_dir(name)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")[0].create_dir(name)
+    return name

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import FIXTURE, FIXTURE_CONFIG, ROOT, SCRIPT, make_bucket
+from conftest import FIXTURE, FIXTURE_CONFIG, ROOT, SCRIPT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 N_IMAGES = 30
@@ -57,8 +57,9 @@ def kill_stage_actor(stage: str) -> int | None:
 
 
 @pytest.fixture
-def cluster(engine_env, monkeypatch):
-    """Head + two worker nodes on loopback, one CPU each (recipe: shared/notes/facts.md)."""
+def cluster(engine_env, s3_env, monkeypatch):
+    """Head + two worker nodes on loopback, one CPU each (recipe: shared/notes/facts.md); the nodes inherit
+    the S3 endpoint and credentials from this process's environment (set by `s3_env` first)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -74,14 +75,13 @@ def cluster(engine_env, monkeypatch):
         cluster.shutdown()
 
 
-def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, engine_env, s3_env):
+def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, engine_env, s3_env, s3_bucket):
     cluster_obj, workers = cluster
-    make_bucket("rexverse-test")
-    fs, _ = pafs.FileSystem.from_uri("s3://rexverse-test")
-    names = upload_fixture(fs, "rexverse-test/in", N_IMAGES)
-    out = "rexverse-test/out"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{s3_bucket}")
+    names = upload_fixture(fs, f"{s3_bucket}/in", N_IMAGES)
+    out = f"{s3_bucket}/out"
     env = {**engine_env, **s3_env, "RAY_ADDRESS": cluster_obj.address}
-    args = ["--input", "s3://rexverse-test/in", "--output", f"s3://{out}", "--set", "sink.shard_size=4"]
+    args = ["--input", f"s3://{s3_bucket}/in", "--output", f"s3://{out}", "--set", "sink.shard_size=4"]
 
     driver = run_driver(env, args)
     log: list[str] = []
@@ -92,8 +92,10 @@ def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, engi
         assert driver.poll() is None, "".join(log)[-4000:]
         assert time.time() < deadline, "no commit within 600 s"
         time.sleep(0.2)
+    parts_at_kill = len(committed_parts(fs, out))
     cluster_obj.remove_node(workers[0], allow_graceful=False)  # a worker node dies mid-run
-    killed_actor = kill_stage_actor("Grounding")
+    killed_actor = kill_stage_actor("StageGroup")  # and a stage actor (a fused group) crashes
+    assert driver.poll() is None, "the run ended before the kills; nothing was tested"
     finished = driver.wait(timeout=600)
     reader.join(timeout=10)
     if finished != 0:  # the run may fail loudly after the loss; a rerun must then complete it
@@ -104,13 +106,14 @@ def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, engi
     index = read_index(fs, out)
     rejects = pq.read_table(f"{out}/rejects.parquet", filesystem=fs).to_pandas()
     uris = list(index["source_uri"]) + list(rejects["uri"])
-    assert sorted(uris) == sorted(f"s3://rexverse-test/in/{n}" for n in names)  # nothing lost, nothing twice
-    assert index["key"].is_unique and len(index) > 0
+    assert sorted(uris) == sorted(f"s3://{s3_bucket}/in/{n}" for n in names)  # nothing lost, nothing twice
+    assert index["key"].is_unique and len(index) > 0 and killed_actor is not None
     manifest = json.loads(fs.open_input_stream(f"{out}/manifest.json").read())
     assert manifest["counts"]["records"] == len(index)
     layout = {i.base_name for i in fs.get_file_info(pafs.FileSelector(out))}
     assert {"shards", "index", "rejects", "_commits", "rejects.parquet", "manifest.json"} <= layout
     print(
-        f"cluster run: exit {finished}, killed actor pid {killed_actor}, "
+        f"cluster run: exit {finished}, {parts_at_kill} parts committed at the kill, killed actor pid "
+        f"{killed_actor}, "
         f"{len(index)} records, {len(rejects)} rejects"
     )

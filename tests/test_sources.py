@@ -1,13 +1,16 @@
-"""Listing every supported input kind, in stable order, and bounded reads."""
+"""Listing every supported input kind (local and on S3), in stable order, bounded reads, hostile tars."""
 
+import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from engine.sources import InputError, ReadError, list_inputs, read_bytes
+from engine.sources import InputError, ReadError, list_inputs, listing_table, read_bytes
+from engine.storage import filesystem_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fixture100"
 
@@ -57,3 +60,245 @@ def test_missing_and_unsupported_inputs_are_clear_errors(tmp_path):
     pd.DataFrame({"path": ["a"]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="'uri' column"):
         list_inputs([str(tmp_path / "bad.parquet")])
+
+
+# --- untrusted tars: every bad member is a reject with a reason, nothing touches the file system -----------
+
+SCENES = [FIXTURE / f"scene_{n:03d}.jpg" for n in range(3)]
+
+
+def _member(
+    tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""
+):
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname = kind, len(data), link
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def _write_tar(path: Path, extra=None) -> Path:
+    """A tar with the three scene images under ok/, then whatever `extra(tar)` adds."""
+    with tarfile.open(path, "w") as tar:
+        for scene in SCENES:
+            _member(tar, f"ok/{scene.name}", scene.read_bytes())
+        if extra is not None:
+            extra(tar)
+    return path
+
+
+def _decode(items: list, max_bytes: int = 1 << 24) -> dict[str, str]:
+    """Run the real decode stage over a listing; {uri: reject reason or ""}."""
+    try:
+        from stages.decode import DecodeConfig  # where the engine v2 refactor puts it
+    except ImportError:
+        from engine.config import DecodeConfig
+    from stages.decode import Decode
+
+    table = listing_table(items)
+    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    out = Decode(DecodeConfig(max_bytes=max_bytes), claim=lambda pairs: [None] * len(pairs))(batch)
+    return dict(zip(out["uri"], out["error_reason"], strict=True))
+
+
+BAD_MEMBERS = {
+    "dotdot": (lambda t: _member(t, "../evil.jpg", b"x" * 10), "unsafe member name: '../evil.jpg'"),
+    "nested_dotdot": (
+        lambda t: _member(t, "a/../../evil.jpg", b"x"),
+        "unsafe member name: 'a/../../evil.jpg'",
+    ),
+    "absolute": (lambda t: _member(t, "/tmp/evil.jpg", b"x" * 10), "unsafe member name: '/tmp/evil.jpg'"),
+    "symlink": (
+        lambda t: _member(t, "link.jpg", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+        "unsafe member: symlink 'link.jpg' -> '/etc/passwd'",
+    ),
+    "hardlink": (
+        lambda t: _member(t, "hard.jpg", kind=tarfile.LNKTYPE, link="ok/scene_000.jpg"),
+        "unsafe member: hard link 'hard.jpg'",
+    ),
+    "device": (
+        lambda t: _member(t, "dev.jpg", kind=tarfile.CHRTYPE),
+        "unsafe member: device or fifo 'dev.jpg'",
+    ),
+    "fifo_no_image_suffix": (
+        lambda t: _member(t, "pipe", kind=tarfile.FIFOTYPE),
+        "unsafe member: device or fifo 'pipe'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MEMBERS))
+def test_unsafe_tar_members_are_rejects_with_reasons(tmp_path, case):
+    add, reason = BAD_MEMBERS[case]
+    tar_path = _write_tar(tmp_path / "bad.tar", add)
+    before = sorted(tmp_path.parent.rglob("*"))
+    reasons = _decode(list_inputs([str(tar_path)]))
+    assert sorted(tmp_path.parent.rglob("*")) == before  # nothing extracted or created anywhere
+    good = {f"{tar_path}#ok/{s.name}" for s in SCENES}
+    assert {uri for uri, why in reasons.items() if not why} == good
+    (bad_uri, bad_reason), *others = [(u, r) for u, r in reasons.items() if r]
+    assert not others and bad_uri.startswith(f"{tar_path}#") and bad_reason.startswith(reason)
+
+
+def test_truncated_tar_keeps_complete_members_and_rejects_the_rest(tmp_path):
+    tar_path = _write_tar(tmp_path / "full.tar")
+    with tarfile.open(tar_path) as tar:
+        last = tar.getmembers()[-1]
+    data = tar_path.read_bytes()
+    cut_data = tmp_path / "cut_data.tar"
+    cut_data.write_bytes(data[: last.offset_data + 100])  # inside the last member's data
+    reasons = _decode(list_inputs([str(cut_data)]))
+    assert [r for r in reasons.values()][:2] == ["", ""]
+    assert reasons[f"{cut_data}#ok/scene_002.jpg"].startswith(
+        f"truncated tar: member 'ok/scene_002.jpg' needs bytes up to {last.offset_data + last.size}"
+    )
+    cut_header = tmp_path / "cut_header.tar"
+    cut_header.write_bytes(data[: last.offset + 100])  # inside the last member's header
+    reasons = _decode(list_inputs([str(cut_header)]))
+    assert list(reasons.values())[:2] == ["", ""] and len(reasons) == 3
+    assert reasons[f"{cut_header}#@{last.offset}"].startswith(
+        f"truncated tar: unreadable header at byte {last.offset}"
+    )
+    first_cut = tmp_path / "first.tar"
+    first_cut.write_bytes(data[:1000])  # even the first member is incomplete: one reject, not a failed run
+    assert list(_decode(list_inputs([str(first_cut)])).values()) == [
+        f"truncated tar: member 'ok/scene_000.jpg' needs bytes up to {512 + SCENES[0].stat().st_size} "
+        "but the file ends at byte 1000; anything after it is lost"
+    ]
+
+
+def test_huge_members_and_headers_are_bounded(tmp_path):
+    def huge_pax(tar):
+        info = tarfile.TarInfo("PaxHeaders/x")
+        info.type, info.size = tarfile.XHDTYPE, 2 << 20  # tarfile would read this header whole
+        tar.addfile(info)
+
+    tar_path = _write_tar(tmp_path / "pax.tar", huge_pax)
+    reasons = _decode(list_inputs([str(tar_path)]), max_bytes=SCENES[1].stat().st_size)
+    assert reasons[f"{tar_path}#ok/scene_000.jpg"].startswith("file too large: ")  # bigger than scene_001
+    assert reasons[f"{tar_path}#ok/scene_001.jpg"] == ""
+    (cut,) = [r for u, r in reasons.items() if "#@" in u]
+    assert cut.startswith("corrupt tar after byte") and "metadata header of 2097152 bytes" in cut
+
+
+def test_not_a_tar_is_an_input_error_naming_the_file(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive\n" * 100)
+    with pytest.raises(InputError, match=r"junk\.tar: not a readable \(uncompressed\) tar"):
+        list_inputs([str(tmp_path / "junk.tar")])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(InputError, match="empty.tar: not a readable"):
+        list_inputs([str(tmp_path / "empty.tar")])
+
+
+def test_webdataset_siblings_locate_caption_members(tmp_path):
+    def captions(tar):
+        _member(tar, "ok/scene_000.txt", b"a caption")
+        _member(tar, "ok/scene_000.json", b'{"k": 1}')
+
+        _member(tar, "long/" + "x" * 200 + ".jpg", SCENES[0].read_bytes())  # a pax long-name header
+
+    tar_path = _write_tar(tmp_path / "wds.tar", captions)
+    items = list_inputs([str(tar_path)])
+    assert [i.uri.split("#")[1] for i in items] == [f"ok/{s.name}" for s in SCENES] + [
+        "long/" + "x" * 200 + ".jpg"
+    ]
+    assert read_bytes(items[3].path, items[3].offset, items[3].size, 1 << 20) == SCENES[0].read_bytes()
+    siblings = json.loads(items[0].siblings)
+    assert sorted(siblings) == ["json", "txt"] and items[1].siblings == ""
+    offset, size = siblings["txt"]
+    assert read_bytes(items[0].path, offset, size, 100) == b"a caption"
+
+
+# --- object storage (S3 on 127.0.0.1 through moto's server) -----------------------------------------------
+
+
+def _put(bucket: str, key: str, data: bytes) -> str:
+    fs, path = filesystem_for(f"s3://{bucket}/{key}")
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+    return f"s3://{bucket}/{key}"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """A small folder tree with nested folders, a hidden folder, hidden and non-image files."""
+    files = {
+        "z_root.jpg": SCENES[0].read_bytes(),
+        "b/scene_001.jpg": SCENES[1].read_bytes(),
+        "a/scene_002.jpg": SCENES[2].read_bytes(),
+        "a/deeper/odd_rgba.png": (FIXTURE / "odd_rgba.png").read_bytes(),
+        "a/notes.md": b"not an image",
+        "a/.hidden.jpg": b"hidden",
+        ".cache/x.jpg": b"hidden folder",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_s3_prefix_lists_like_a_local_folder_and_reads_bytes(tmp_path, s3_bucket):
+    files = _tree(tmp_path / "tree")
+    for rel, data in files.items():
+        _put(s3_bucket, f"tree/{rel}", data)
+    local = list_inputs([str(tmp_path / "tree")])
+    remote = list_inputs([f"s3://{s3_bucket}/tree/"])
+    rel = [i.uri[len(f"s3://{s3_bucket}/tree/") :] for i in remote]
+    assert rel == [os.path.relpath(i.uri, tmp_path / "tree") for i in local]  # same images, same order
+    assert rel == ["z_root.jpg", "a/scene_002.jpg", "a/deeper/odd_rgba.png", "b/scene_001.jpg"]
+    assert {i.dataset for i in remote} == {"tree"} and all(i.path == i.uri for i in remote)
+    for item, name in zip(remote, rel, strict=True):
+        assert read_bytes(item.path, item.offset, item.size, 1 << 20) == files[name]
+    assert list_inputs([f"s3://{s3_bucket}/tree"], limit=2) == remote[:2]
+    with pytest.raises(ReadError, match=r"file too large: \d+ bytes > decode.max_bytes=100"):
+        read_bytes(remote[0].path, -1, -1, 100)
+    with pytest.raises(ReadError, match="unreadable"):
+        read_bytes(f"s3://{s3_bucket}/tree/gone.jpg", -1, -1, 100)
+    reasons = _decode(remote)
+    assert list(reasons.values()) == ["", "", "", ""]
+
+
+def test_s3_tar_glob_lists_headers_and_reads_members_by_range(tmp_path, s3_bucket):
+    for name in ("000", "001"):
+        _put(s3_bucket, f"shards/{name}.tar", _write_tar(tmp_path / f"{name}.tar").read_bytes())
+    _put(s3_bucket, "shards/nested/002.tar", (tmp_path / "000.tar").read_bytes())  # one level down: no match
+    _put(s3_bucket, "shards/readme.txt", b"x")
+    data = _write_tar(tmp_path / "cut.tar").read_bytes()
+    with tarfile.open(tmp_path / "cut.tar") as tar:
+        last = tar.getmembers()[-1]
+    _put(s3_bucket, "cut/003.tar", data[: last.offset_data + 100])  # the last member loses its tail
+    items = list_inputs([f"s3://{s3_bucket}/shards/*.tar", f"s3://{s3_bucket}/cut/003.tar"])
+    uris = [i.uri for i in items]
+    assert uris[:6] == [
+        f"s3://{s3_bucket}/shards/{n}.tar#ok/{s.name}" for n in ("000", "001") for s in SCENES
+    ]
+    assert uris[6:8] == [f"s3://{s3_bucket}/cut/003.tar#ok/{s.name}" for s in SCENES[:2]] and len(uris) == 9
+    for item in items[:8]:
+        expected = (FIXTURE / item.uri.rsplit("/", 1)[1]).read_bytes()
+        assert item.offset > 0 and read_bytes(item.path, item.offset, item.size, 1 << 20) == expected
+    assert items[8].problem.startswith("truncated tar: member 'ok/scene_002.jpg'")
+    reasons = _decode(items)
+    assert [r for r in reasons.values() if r] == [items[8].problem]
+    with pytest.raises(InputError, match="matches nothing"):
+        list_inputs([f"s3://{s3_bucket}/shards/*.parquet"])
+
+
+def test_s3_tables_of_uris_and_limit(tmp_path, s3_bucket):
+    uris = [_put(s3_bucket, f"img/{s.name}", s.read_bytes()) for s in SCENES]
+    rows = [{"uri": uris[0], "dataset": "d0"}, {"uri": uris[1]}, {"uri": "../img/scene_002.jpg"}]
+    _put(s3_bucket, "tables/t.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
+    items = list_inputs([f"s3://{s3_bucket}/tables/t.jsonl"])
+    assert [i.uri for i in items] == [uris[0], uris[1], "../img/scene_002.jpg"]
+    assert [i.path for i in items] == uris and [i.dataset for i in items] == ["d0", "t", "t"]
+    assert [read_bytes(i.path, i.offset, i.size, 1 << 20) for i in items] == [s.read_bytes() for s in SCENES]
+    pd.DataFrame({"uri": uris}).to_parquet(tmp_path / "local.parquet")  # a local table of s3 URIs
+    assert [i.path for i in list_inputs([str(tmp_path / "local.parquet")], limit=2)] == uris[:2]
+
+
+def test_s3_missing_bucket_prefix_and_unsupported_uris_are_clear_errors(tmp_path, s3_bucket):
+    with pytest.raises(InputError, match="bucket 'no-such-bucket' does not exist .*never creates buckets"):
+        list_inputs(["s3://no-such-bucket/prefix"])
+    with pytest.raises(InputError, match="bucket 'no-such-bucket' does not exist"):
+        list_inputs(["s3://no-such-bucket/shards/*.tar"])
+    with pytest.raises(InputError, match="does not exist"):
+        list_inputs([f"s3://{s3_bucket}/nothing/here"])
+    (tmp_path / "t.jsonl").write_text(json.dumps({"uri": "http://example.invalid/a.jpg"}))
+    with pytest.raises(InputError, match="unsupported URI scheme 'http'"):
+        list_inputs([str(tmp_path / "t.jsonl")])
