@@ -35,7 +35,7 @@ def engine_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def input_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """The 100 fixture images plus every kind of bad input (truncated, empty, non-image, bomb, duplicate)."""
-    from pipelines.make_fixture import write_bad_inputs
+    from scaffold.make_fixture import write_bad_inputs
 
     folder = tmp_path_factory.mktemp("inputs")
     for path in FIXTURE.iterdir():

@@ -184,7 +184,7 @@ def test_objects_show_their_annotated_colour() -> None:
 
 
 def test_generator_runs_as_a_script(tmp_path: Path) -> None:
-    script = REPO_ROOT / "pipelines" / "make_fixture.py"
+    script = REPO_ROOT / "scaffold" / "make_fixture.py"
     cmd = [sys.executable, str(script), "--out", str(tmp_path), "--n", "12", "--seed", "3"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
     data = json.loads((tmp_path / "annotations.json").read_text(encoding="utf-8"))
