@@ -5,7 +5,8 @@
         [--require 'box_recall@0.5>=0.6' --require 'reject_rate<=0.3']
 
 --from and --to take local folders or object-store URIs (s3://bucket/prefix, gs://...). Rerunning the same
-command resumes an unfinished build or confirms a finished one; inputs are never modified. See docs/release.md.
+command resumes an unfinished build or confirms a finished one; inputs are never modified.
+See docs/release.md.
 """
 
 from __future__ import annotations
@@ -26,21 +27,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="release", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--from", dest="sources", action="append", required=True, metavar="OUT",
-                        help="engine output folder or URI; repeat to merge (a key in several: first wins)")
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        required=True,
+        metavar="OUT",
+        help="engine output folder or URI; repeat to merge (a key in several: first wins)",
+    )
     parser.add_argument("--to", dest="dest", required=True, metavar="RELEASE", help="release folder or URI")
     parser.add_argument("--name", default="rexverse", help="dataset name (default: rexverse)")
     parser.add_argument("--version", default="1.0.0", help="release version (default: 1.0.0)")
-    parser.add_argument("--split", default=None, metavar="NAME=FRACTION[,...]",
-                        help="held-out splits by a hash of the key, e.g. val=0.01; the rest is train")
-    parser.add_argument("--shard-size", type=int, default=1000, help="records per release shard (default 1000)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        metavar="NAME=FRACTION[,...]",
+        help="held-out splits by a hash of the key, e.g. val=0.01; the rest is train",
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="records per release shard (default 1000)"
+    )
     parser.add_argument("--previous", default=None, metavar="RELEASE", help="earlier release to diff against")
-    parser.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
-                        help="quality gate on each input's audit.json or reject rates, e.g. 'reject_rate<=0.3'")
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="METRIC>=VALUE",
+        help="quality gate on each input's audit.json or reject rates, e.g. 'reject_rate<=0.3'",
+    )
     parser.add_argument("--license", default="other", help="license id for the card (default: other)")
-    parser.add_argument("--gallery-size", type=int, default=24, help="images in the HTML gallery (default 24)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a release (or an unfinished build) of other inputs in --to")
+    parser.add_argument(
+        "--gallery-size", type=int, default=24, help="images in the HTML gallery (default 24)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a release (or an unfinished build) of other inputs in --to",
+    )
     parser.add_argument("--quiet", action="store_true", help="only the final line")
     return parser.parse_args(argv)
 
@@ -58,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     state = "already up to date" if result.up_to_date else "built"
-    print(f"release {state}: {result.records} records, {result.duplicates} duplicate keys skipped, "
-          f"{len(result.files)} files -> {result.dest}")
+    print(
+        f"release {state}: {result.records} records, {result.duplicates} duplicate keys skipped, "
+        f"{len(result.files)} files -> {result.dest}"
+    )
     return 0
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from release import card, gallery, plots
+from release import card, gallery
+from release.canonical import dumps
 from release.diff import release_diff
-from release.exports import Exporter, dumps
 from release.gate import check, parse_requirement
 from release.inputs import EngineOutput, open_output, rejects
 from release.plan import Plan, make_plan, parse_split
@@ -98,7 +98,9 @@ def fingerprint(opts: Options, outputs: list[EngineOutput], code: str) -> str:
             h.update(name.encode() + hashlib.sha256(out.commit_markers[name]).digest())
         if out.audit is not None:
             h.update(dumps(out.audit).encode())
-    settings = {k: getattr(opts, k) for k in ("name", "version", "split", "shard_size", "previous", "require")}
+    settings = {
+        k: getattr(opts, k) for k in ("name", "version", "split", "shard_size", "previous", "require")
+    }
     settings |= {"license": opts.license, "gallery_size": opts.gallery_size, "code": code}
     h.update(dumps(settings).encode())
     return h.hexdigest()
@@ -127,7 +129,9 @@ def _prepare_dest(dest: Location, fp: str, overwrite: bool) -> dict[str, Any] | 
             )
         dest.clear()
     elif dest.list(recursive=True):
-        raise ReleaseError(f"{dest.uri} is not empty and holds no release: choose an empty or new --to folder")
+        raise ReleaseError(
+            f"{dest.uri} is not empty and holds no release: choose an empty or new --to folder"
+        )
     return {"fingerprint": fp, "shards": []}
 
 
@@ -173,7 +177,13 @@ def _rejects_table(outputs: list[EngineOutput]) -> pa.Table:
         tables.append(table.append_column("input", pa.array([out.uri] * table.num_rows, pa.string())))
     table = pa.concat_tables(tables)
     order = pa.compute.sort_indices(
-        table, sort_keys=[("input", "ascending"), ("stage", "ascending"), ("reason", "ascending"), ("uri", "ascending")]
+        table,
+        sort_keys=[
+            ("input", "ascending"),
+            ("stage", "ascending"),
+            ("reason", "ascending"),
+            ("uri", "ascending"),
+        ],
     )
     return table.take(order)
 
@@ -238,7 +248,11 @@ def build(opts: Options, progress: Callable[[str], None] = log.info) -> Result:
 
 
 def _release_files(dest: Location) -> list[str]:
-    return [rel for rel in dest.list(recursive=True) if rel != MARKER and not rel.rsplit("/", 1)[-1].startswith(".")]
+    return [
+        rel
+        for rel in dest.list(recursive=True)
+        if rel != MARKER and not rel.rsplit("/", 1)[-1].startswith(".")
+    ]
 
 
 def _file_sizes(dest: Location) -> dict[str, int]:
@@ -257,9 +271,16 @@ def _write_derived(
     progress: Callable[[str], None],
 ) -> None:
     """Everything derived from the release shards: index, stats, plots, gallery, exports, manifest, card."""
+    from release import plots  # heavy imports (matplotlib, torch via chatrex) only when building
+    from release.exports import Exporter
+
     info = {"description": f"{opts.name} {opts.version} (Rexverse release)", "version": opts.version}
     collector, exporter = StatsCollector(), Exporter(info)
-    wanted = set(sorted((e.key for _, _, ents in plan.all_shards() for e in ents), key=gallery.sample_rank)[: opts.gallery_size])
+    wanted = set(
+        sorted((e.key for _, _, ents in plan.all_shards() for e in ents), key=gallery.sample_rank)[
+            : opts.gallery_size
+        ]
+    )
     samples: dict[str, tuple[dict[str, Any], str, bytes]] = {}
     tiers_total: dict[str, int] = {}
     regions_total = 0
@@ -295,7 +316,9 @@ def _write_derived(
     )
     dest.write_bytes("duplicates.parquet", _parquet_bytes(duplicates))
 
-    stats = collector.to_dict(list(zip(reject_table["stage"].to_pylist(), reject_table["reason"].to_pylist(), strict=True)))
+    stats = collector.to_dict(
+        list(zip(reject_table["stage"].to_pylist(), reject_table["reason"].to_pylist(), strict=True))
+    )
     stats["duplicates"] = len(plan.duplicates)
     dest.write_text("stats.json", json.dumps(stats, indent=1, sort_keys=True) + "\n")
     figures = plots.make_plots(stats)
@@ -311,7 +334,9 @@ def _write_derived(
         if overlay is not None:
             dest.write_bytes(f"gallery/img/{record['key']}.mask.png", overlay)
             masked.add(record["key"])
-    page = gallery.render(f"{opts.name} {opts.version}", [(r, s) for r, s, _ in ordered], masked, plan.records)
+    page = gallery.render(
+        f"{opts.name} {opts.version}", [(r, s) for r, s, _ in ordered], masked, plan.records
+    )
     dest.write_text("gallery/index.html", page)
     for name, data in exporter.files().items():
         dest.write_bytes(f"exports/{name}", data)
@@ -370,6 +395,8 @@ def _write_derived(
             manifest["diff"] = release_diff(opts.previous, keys, manifest)
         except ValueError as err:
             raise ReleaseError(str(err)) from err
-    dest.write_text("manifest.json", json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    dest.write_text(
+        "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    )
     dest.write_text("README.md", card.render(manifest, stats, INDEX_RELEASE_SCHEMA, opts.license))
     progress("wrote manifest and card")

@@ -10,7 +10,6 @@ The LLaVA export reuses ChatRex's own prompt templates, box mixing and answer fo
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
@@ -19,7 +18,6 @@ from pycocotools import mask as mask_utils
 from chatrex.parsing import Grounding, format_answer
 from chatrex.processor import IMAGE_TOKEN, OBJECT_TOKEN, object_index_token
 from chatrex.tasks import (
-    CAPTION_QUESTION,
     DETECT_QUESTION,
     PHRASE_QUESTION,
     REFER_QUESTION,
@@ -28,14 +26,10 @@ from chatrex.tasks import (
     detection_answer,
     mix_boxes,
 )
+from release.canonical import dumps
 from release.tiers import has
 
 LLAVA_MAX_BOXES = 100  # ChatRex's default number of index tokens
-
-
-def dumps(data: Any) -> str:
-    """Sorted, compact-but-readable JSON: identical bytes for identical data."""
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _file_name(record: dict[str, Any]) -> str:

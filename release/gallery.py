@@ -112,8 +112,8 @@ def _card(record: dict[str, Any], split: str, has_mask: bool) -> str:
 STYLE = """
 body{font-family:sans-serif;margin:16px;background:#fafafa;color:#222}
 #grid{display:flex;flex-wrap:wrap;gap:14px}
-.card{width:400px;background:#fff;border:1px solid #ddd;padding:8px;font-size:12px}
-.pic{position:relative;width:400px}
+.card{width:380px;background:#fff;border:1px solid #ddd;padding:8px;font-size:12px}
+.pic{position:relative;width:380px}
 .pic img,.pic svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .pic rect{fill:none;stroke-width:3;vector-effect:non-scaling-stroke}
 body.noboxes svg,body.nomasks img.mask{display:none}
@@ -130,7 +130,8 @@ function apply(){const c=sel.value;let n=0;for(const d of document.querySelector
 const show=!c||d.dataset.cats.includes('|'+c+'|');d.style.display=show?'':'none';n+=show;}
 document.getElementById('shown').textContent=n;}
 sel.addEventListener('change',apply);
-for(const f of ['noboxes','nomasks']){if(location.hash.includes(f))document.body.classList.add(f);}
+for(const f of ['noboxes','nomasks']){if(location.hash.includes(f)){document.body.classList.add(f);
+document.getElementById(f.slice(2)).checked=false;}}
 document.getElementById('boxes').addEventListener('change',e=>document.body.classList.toggle('noboxes',!e.target.checked));
 document.getElementById('masks').addEventListener('change',e=>document.body.classList.toggle('nomasks',!e.target.checked));
 apply();
@@ -149,7 +150,7 @@ def render(title: str, samples: list[tuple[dict[str, Any], str]], masked: set[st
         f"<p>{len(samples)} of {total} images, sampled by a hash of the key. "
         '<label>category <select id="cat"><option value="">(all)</option>'
         f"{options}</select></label> · <span id=shown></span> shown · "
-        '<label><input type=checkbox id=boxes checked> boxes</label> '
-        '<label><input type=checkbox id=masks checked> masks</label></p>'
+        "<label><input type=checkbox id=boxes checked> boxes</label> "
+        "<label><input type=checkbox id=masks checked> masks</label></p>"
         f'<div id="grid">{cards}</div><script>{SCRIPT}</script></body></html>\n'
     )

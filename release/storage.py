@@ -110,4 +110,3 @@ class Location:
         """Delete everything in the folder (callers check first that it is a release)."""
         if self.exists():
             self.fs.delete_dir_contents(self.path(""))
-
