@@ -39,7 +39,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _build(sources: list[Path], dest: Path, **kw) -> object:
+def _build(sources: list[Path | str], dest: Path | str, **kw) -> object:
     opts = Options(
         sources=[str(s) for s in sources],
         dest=str(dest),
@@ -487,3 +487,75 @@ def test_gallery_renders_boxes_in_headless_chromium(release_a, tmp_path):
     with_boxes = palette_pixels(page, "boxes.png")
     without = palette_pixels(page + "#noboxes", "noboxes.png")
     assert with_boxes - without > 500, (with_boxes, without)  # box strokes, beyond swatches and images
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    """A moto S3 server on loopback, with the AWS variables pyarrow reads pointing at it."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[dev])")
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, "moto server did not start"
+            time.sleep(0.2)
+    try:
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_release_from_and_to_s3(s3_server, outputs, release_a, tmp_path):
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_server,
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        scheme="http",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir("rexverse-test")
+    pafs.copy_files(str(outputs["A"]), "rexverse-test/out", destination_filesystem=fs)
+    _build(["s3://rexverse-test/out"], "s3://rexverse-test/release")
+    local = tmp_path / "from_s3"
+    local.mkdir()
+    pafs.copy_files("rexverse-test/release", str(local), source_filesystem=fs)
+    assert (local / "SHA256SUMS").is_file() and not (local / MARKER).exists()
+    for line in (local / "SHA256SUMS").read_text().splitlines():
+        digest, rel = line.split("  ", 1)
+        assert hashlib.sha256((local / rel).read_bytes()).hexdigest() == digest, rel
+    same = _tree_digest(local)
+    local_release = _tree_digest(release_a)
+    assert same.keys() == local_release.keys()
+    # only the files that name the input location differ from the local build of the same output
+    assert {rel for rel in same if same[rel] != local_release[rel]} <= {
+        "manifest.json",
+        "README.md",
+        "SHA256SUMS",
+        "rejects.parquet",
+        "duplicates.parquet",
+    }
