@@ -124,7 +124,8 @@ def _prepare_dest(dest: Location, fp: str, overwrite: bool) -> dict[str, Any] | 
             return None
         if not overwrite:
             raise ReleaseError(
-                f"{dest.uri} already holds a release of other inputs or options (releases are immutable); "
+                f"{dest.uri} already holds a release of other inputs, options or code version "
+                "(releases are immutable); "
                 "choose a new --to (e.g. with the next --version), or pass --overwrite to replace it"
             )
         dest.clear()
@@ -214,6 +215,12 @@ def build(opts: Options, progress: Callable[[str], None] = log.info) -> Result:
     if not opts.sources:
         raise ReleaseError("give at least one --from engine output")
     outputs = [open_output(uri, i) for i, uri in enumerate(opts.sources)]
+    if opts.previous:
+        prev = Location.parse(opts.previous)
+        if not (prev.is_file("manifest.json") and prev.is_file("SHA256SUMS")) or prev.is_file(MARKER):
+            raise ReleaseError(
+                f"--previous {opts.previous}: not a finished release (no SHA256SUMS, or unfinished)"
+            )
     failures, gate_results = check(requirements, outputs)
     if failures:
         raise GateError("release not written: the quality gate failed:\n  " + "\n  ".join(failures))
@@ -227,6 +234,9 @@ def build(opts: Options, progress: Callable[[str], None] = log.info) -> Result:
         progress(f"{dest.uri} is already this release (fingerprint {fp[:12]}); nothing to do")
         return Result(dest.uri, True, plan.records, len(plan.duplicates), _file_sizes(dest))
     dest.write_text(MARKER, dumps(state))
+    for rel in dest.list(recursive=True):  # temporary files of a killed build
+        if rel.endswith(".partial") and rel.rsplit("/", 1)[-1].startswith("."):
+            dest.delete(rel)
 
     members = MemberIndex(outputs)
     done = set(state["shards"])
@@ -275,7 +285,7 @@ def _write_derived(
     from release.exports import Exporter
 
     info = {"description": f"{opts.name} {opts.version} (Rexverse release)", "version": opts.version}
-    collector, exporter = StatsCollector(), Exporter(info)
+    collector = StatsCollector()
     wanted = set(
         sorted((e.key for _, _, ents in plan.all_shards() for e in ents), key=gallery.sample_rank)[
             : opts.gallery_size
@@ -284,26 +294,27 @@ def _write_derived(
     samples: dict[str, tuple[dict[str, Any], str, bytes]] = {}
     tiers_total: dict[str, int] = {}
     regions_total = 0
-    for split, shards in plan.shards.items():
-        with dest.open_output(f"index/{split}.parquet") as stream:
-            writer = pq.ParquetWriter(stream, INDEX_RELEASE_SCHEMA)
-            for rel in shards:
-                rows = []
-                for key, sample in iter_shard(dest, rel):
-                    record = json.loads(sample["json"])
-                    collector.add(record, split)
-                    exporter.add(record, split, rel)
-                    row = to_index_row(record, rel)
-                    row["split"] = split
-                    rows.append(row)
-                    regions_total += len(record.get("regions", []))
-                    for tier, n in tier_counts(record.get("regions", [])).items():
-                        tiers_total[tier] = tiers_total.get(tier, 0) + n
-                    if key in wanted:
-                        samples[key] = (record, split, sample[record["image_ext"]])
-                writer.write_table(pa.Table.from_pylist(rows, schema=INDEX_RELEASE_SCHEMA))
-            writer.close()
-    progress("wrote index")
+    with Exporter(dest, info) as exporter:  # streamed while the records pass by
+        for split, shards in plan.shards.items():
+            with dest.open_output(f"index/{split}.parquet") as stream:
+                writer = pq.ParquetWriter(stream, INDEX_RELEASE_SCHEMA)
+                for rel in shards:
+                    rows = []
+                    for key, sample in iter_shard(dest, rel):
+                        record = json.loads(sample["json"])
+                        collector.add(record, split)
+                        exporter.add(record, split, rel)
+                        row = to_index_row(record, rel)
+                        row["split"] = split
+                        rows.append(row)
+                        regions_total += len(record.get("regions", []))
+                        for tier, n in tier_counts(record.get("regions", [])).items():
+                            tiers_total[tier] = tiers_total.get(tier, 0) + n
+                        if key in wanted:
+                            samples[key] = (record, split, sample[record["image_ext"]])
+                    writer.write_table(pa.Table.from_pylist(rows, schema=INDEX_RELEASE_SCHEMA))
+                writer.close()
+    progress("wrote index and exports")
 
     reject_table = _rejects_table(outputs)
     dest.write_bytes("rejects.parquet", _parquet_bytes(reject_table))
@@ -338,9 +349,7 @@ def _write_derived(
         f"{opts.name} {opts.version}", [(r, s) for r, s, _ in ordered], masked, plan.records
     )
     dest.write_text("gallery/index.html", page)
-    for name, data in exporter.files().items():
-        dest.write_bytes(f"exports/{name}", data)
-    progress("wrote gallery and exports")
+    progress("wrote gallery")
 
     configs, config_names = _configs(outputs)
     manifest: dict[str, Any] = {

@@ -1,6 +1,7 @@
 """Exports in formats trainers already read: COCO (+ captions), ODVG (Grounding DINO), LLaVA conversations.
 
-Images are referenced as `{key}.{ext}`, the member name inside the release shards; extracting the tars into
+Every export is streamed (memory does not grow with the number of records). Images are referenced as
+`{key}.{ext}`, the member name inside the release shards; extracting the tars into
 one folder gives the image root every export expects. Region texts that a region did not reach (null tiers)
 are left out rather than written as empty strings.
 
@@ -11,6 +12,8 @@ The LLaVA export reuses ChatRex's own prompt templates, box mixing and answer fo
 from __future__ import annotations
 
 import random
+import tempfile
+from contextlib import ExitStack
 from typing import Any
 
 from pycocotools import mask as mask_utils
@@ -27,6 +30,7 @@ from chatrex.tasks import (
     mix_boxes,
 )
 from release.canonical import dumps
+from release.storage import Location
 from release.tiers import has
 
 LLAVA_MAX_BOXES = 100  # ChatRex's default number of index tokens
@@ -36,22 +40,62 @@ def _file_name(record: dict[str, Any]) -> str:
     return f"{record['key']}.{record['image_ext']}"
 
 
-class Exporter:
-    """Feed records in release order with `add`; `files()` gives exports/ file name -> bytes."""
+class JsonArray:
+    """A JSON array written item by item (canonical JSON per item), so no export is held in memory."""
 
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.info = info
-        self.images: list[dict[str, Any]] = []
-        self.annotations: list[dict[str, Any]] = []
-        self.captions: list[dict[str, Any]] = []
-        self.pending: list[tuple[int, dict[str, Any]]] = []  # (image id, region) until categories are known
-        self.odvg: list[str] = []
-        self.odvg_detection: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-        self.llava: list[dict[str, Any]] = []
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.count = 0
+        stream.write(b"[")
+
+    def add(self, item: Any) -> None:
+        self.stream.write((b"," if self.count else b"") + dumps(item).encode())
+        self.count += 1
+
+    def close(self) -> None:
+        self.stream.write(b"]")
+
+
+class Exporter:
+    """Streams every export while records pass by once, in release order; use as a context manager.
+
+    Category ids are given in order of first appearance (release order is fixed, so ids are stable for a
+    given release) and the category list is written at the end. COCO's `images` array follows its
+    `annotations` in the file (keys sorted, as canonical JSON has them), so image entries are spooled to a
+    local temporary file meanwhile.
+    """
+
+    def __init__(self, dest: Location, info: dict[str, Any]) -> None:
+        self.dest, self.info = dest, info
+        self.category_id: dict[str, int] = {}
+        self.images = 0
+        self.stack = ExitStack()
+
+    def __enter__(self) -> Exporter:
+        def output(name: str) -> Any:
+            return self.stack.enter_context(self.dest.open_output(f"exports/{name}"))
+
+        self.coco, self.captions = output("coco.json"), output("coco_captions.json")
+        self.odvg, self.detection = output("odvg.jsonl"), output("odvg_detection.jsonl")
+        self.label_map, self.llava_stream = output("odvg_label_map.json"), output("llava.json")
+        self.spool = self.stack.enter_context(tempfile.TemporaryFile())
+        self.images_array = JsonArray(self.spool)
+        self.coco.write(b'{"annotations":')
+        self.annotations = JsonArray(self.coco)
+        self.captions.write(b'{"annotations":')
+        self.caption_array = JsonArray(self.captions)
+        self.llava = JsonArray(self.llava_stream)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self._finish()
+        self.stack.__exit__(*exc)
 
     def add(self, record: dict[str, Any], split: str, shard: str) -> None:
-        image_id = len(self.images) + 1
-        self.images.append(
+        self.images += 1
+        image_id = self.images
+        self.images_array.add(
             {
                 "id": image_id,
                 "file_name": _file_name(record),
@@ -62,79 +106,57 @@ class Exporter:
                 "shard": shard,
             }
         )
-        self.captions.append({"id": image_id, "image_id": image_id, "caption": record["caption"]["text"]})
-        for region in record.get("regions", []):
-            self.pending.append((image_id, region))
-        self._odvg(record)
-        self.llava.append(llava_sample(record, split))
-
-    def _odvg(self, record: dict[str, Any]) -> None:
-        phrases = record.get("phrases", [])
-        regions = record.get("regions", [])
+        self.caption_array.add({"id": image_id, "image_id": image_id, "caption": record["caption"]["text"]})
+        regions = [r for r in record.get("regions", []) if has(r, "category")]
+        for region in regions:
+            cid = self.category_id.setdefault(region["category"], len(self.category_id) + 1)
+            self.annotations.add(coco_annotation(self.annotations.count + 1, image_id, region, cid))
         head = {"filename": _file_name(record), "height": record["height"], "width": record["width"]}
+        phrases = record.get("phrases", [])
         grounding = [
             {"bbox": [float(v) for v in r["box"]], "phrase": phrases[r["phrase"]]["text"]}
-            for r in regions
+            for r in record.get("regions", [])
             if 0 <= r.get("phrase", -1) < len(phrases)
         ]
-        self.odvg.append(
-            dumps({**head, "grounding": {"caption": record["caption"]["text"], "regions": grounding}})
-        )
-        self.odvg_detection.append((head, regions))
-
-    def files(self) -> dict[str, bytes]:
-        names = sorted({r["category"] for _, r in self.pending if has(r, "category")})
-        category_id = {name: i + 1 for i, name in enumerate(names)}
-        for image_id, region in self.pending:
-            if not has(region, "category"):
-                continue
-            self.annotations.append(coco_annotation(len(self.annotations) + 1, image_id, region, category_id))
-        categories = [{"id": i, "name": n, "supercategory": "object"} for n, i in category_id.items()]
-        coco = {
-            "info": self.info,
-            "images": self.images,
-            "annotations": self.annotations,
-            "categories": categories,
-        }
-        captions = {"info": self.info, "images": self.images, "annotations": self.captions}
-        label_map = {str(i - 1): n for n, i in category_id.items()}
-        detection = [
-            dumps(
-                {
-                    **head,
-                    "detection": {
-                        "instances": [
-                            {
-                                "bbox": [float(v) for v in r["box"]],
-                                "label": category_id[r["category"]] - 1,
-                                "category": r["category"],
-                            }
-                            for r in regions
-                            if has(r, "category")
-                        ]
-                    },
-                }
-            )
-            for head, regions in self.odvg_detection
+        line = {**head, "grounding": {"caption": record["caption"]["text"], "regions": grounding}}
+        self.odvg.write((dumps(line) + "\n").encode())
+        instances = [
+            {
+                "bbox": [float(v) for v in r["box"]],
+                "label": self.category_id[r["category"]] - 1,
+                "category": r["category"],
+            }
+            for r in regions
         ]
-        return {
-            "coco.json": dumps(coco).encode(),
-            "coco_captions.json": dumps(captions).encode(),
-            "odvg.jsonl": "".join(line + "\n" for line in self.odvg).encode(),
-            "odvg_detection.jsonl": "".join(line + "\n" for line in detection).encode(),
-            "odvg_label_map.json": dumps(label_map).encode(),
-            "llava.json": dumps(self.llava).encode(),
-        }
+        self.detection.write((dumps({**head, "detection": {"instances": instances}}) + "\n").encode())
+        self.llava.add(llava_sample(record, split))
+
+    def _finish(self) -> None:
+        self.images_array.close()
+        categories = [{"id": i, "name": n, "supercategory": "object"} for n, i in self.category_id.items()]
+        self.annotations.close()
+        self.coco.write(b',"categories":' + dumps(categories).encode() + b',"images":')
+        self._copy_images(self.coco)
+        self.coco.write(b',"info":' + dumps(self.info).encode() + b"}")
+        self.caption_array.close()
+        self.captions.write(b',"images":')
+        self._copy_images(self.captions)
+        self.captions.write(b',"info":' + dumps(self.info).encode() + b"}")
+        self.label_map.write(dumps({str(i - 1): n for n, i in self.category_id.items()}).encode())
+        self.llava.close()
+
+    def _copy_images(self, stream: Any) -> None:
+        self.spool.seek(0)
+        while chunk := self.spool.read(1 << 22):
+            stream.write(chunk)
 
 
-def coco_annotation(
-    ann_id: int, image_id: int, region: dict[str, Any], category_id: dict[str, int]
-) -> dict[str, Any]:
+def coco_annotation(ann_id: int, image_id: int, region: dict[str, Any], category_id: int) -> dict[str, Any]:
     x0, y0, x1, y1 = (float(v) for v in region["box"])
     ann: dict[str, Any] = {
         "id": ann_id,
         "image_id": image_id,
-        "category_id": category_id[region["category"]],
+        "category_id": category_id,
         "bbox": [x0, y0, x1 - x0, y1 - y0],
         "area": (x1 - x0) * (y1 - y0),
         "iscrowd": 0,

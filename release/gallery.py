@@ -3,7 +3,8 @@
 Boxes are SVG rectangles over the image, masks a pre-rendered RGBA overlay per image (decoded from the
 records' COCO RLE with pycocotools), the grounded caption has its phrases highlighted in the colour of their
 regions, and a category menu filters the cards. Everything is inlined in one HTML file next to the images,
-so it opens from a file:// URL and copies as a folder. `#noboxes` / `#nomasks` in the URL hide layers.
+so it opens from a file:// URL and copies as a folder. `#noboxes` / `#nomasks` in the URL hide layers,
+`#cat=NAME` preselects a category (links to a filtered view).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ function apply(){const c=sel.value;let n=0;for(const d of document.querySelector
 const show=!c||d.dataset.cats.includes('|'+c+'|');d.style.display=show?'':'none';n+=show;}
 document.getElementById('shown').textContent=n;}
 sel.addEventListener('change',apply);
+const m=location.hash.match(/cat=([^&]*)/);if(m)sel.value=decodeURIComponent(m[1]);
 for(const f of ['noboxes','nomasks']){if(location.hash.includes(f)){document.body.classList.add(f);
 document.getElementById(f.slice(2)).checked=false;}}
 document.getElementById('boxes').addEventListener('change',e=>document.body.classList.toggle('noboxes',!e.target.checked));

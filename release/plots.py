@@ -51,6 +51,7 @@ def make_plots(stats: dict[str, Any]) -> dict[str, bytes]:
         ax.bar(names, values, color=["#3b7dd8", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"])
         for i, t in enumerate(names):
             ax.annotate(f"{stats['tiers'][t]['fraction_of_regions']:.0%}", (i, values[i]), ha="center")
+        ax.set_ylim(0, max([*values, 1]) * 1.15)
         ax.set_ylabel("regions")
         ax.set_title("Tier coverage (regions with that field present)")
 
@@ -110,7 +111,7 @@ def make_plots(stats: dict[str, Any]) -> dict[str, bytes]:
                     colors.append(color)
         ax.barh(labels[::-1], values[::-1], color=colors[::-1])
         ax.set_xlabel("count (rejects: images; drops: phrases or regions)")
-        ax.set_title("Rejects and drops per stage and reason")
+        ax.set_title("Rejected input images, and phrases/regions dropped inside released images")
 
     n_reasons = sum(len(v) for k in ("rejects", "drops") for v in stats[k].values())
     plots["drops_rejects.png"] = _png(drops, (8.0, max(3.0, 0.25 * n_reasons + 1.2)))

@@ -118,7 +118,7 @@ class StatsCollector:
                 "bin_edges": [round(lo + i * (hi - lo) / ASPECT_BINS, 4) for i in range(ASPECT_BINS + 1)],
                 "counts": list(self.box_aspect),
             },
-            "drops": _nested(self.drops),
+            "drops": _nested(self.drops),  # phrases/regions removed inside the released records
             "rejects": _nested(reject_counts),
         }
 

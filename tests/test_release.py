@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -311,6 +313,24 @@ def test_dedupe_across_inputs_first_wins_and_previous_diff(release_a, outputs, t
     assert "## Changes since rexverse-fixture 1.0.0" in card and f"keys added: {diff['added']}" in card
 
 
+def test_destination_rules(release_a, outputs, tmp_path):
+    stranger = tmp_path / "not_a_release"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    with pytest.raises(ReleaseError, match="not empty and holds no release"):
+        _build([outputs["A"]], stranger)
+    assert (stranger / "notes.txt").read_text() == "keep me"
+    copy = tmp_path / "copy"
+    shutil.copytree(release_a, copy)
+    with pytest.raises(ReleaseError, match="already holds a release"):
+        _build([outputs["A"]], copy, version="2.0.0")
+    with pytest.raises(ReleaseError, match="--previous"):
+        _build([outputs["A"]], tmp_path / "new", previous=str(stranger))
+    _build([outputs["A"]], copy, version="2.0.0", overwrite=True)
+    assert json.loads((copy / "manifest.json").read_text())["version"] == "2.0.0"
+    assert not (copy / MARKER).exists()
+
+
 def test_split_by_key_hash_is_stable_across_releases(outputs, tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -385,11 +405,12 @@ def test_inputs_are_never_modified(outputs, release_a):
     assert _tree_digest(outputs["B"]) == outputs["digest"]["B"]
 
 
-def test_tiers_count_present_fields_only():
+def test_tiers_count_present_fields_only(tmp_path):
     """Records with null short_phrase/description/referring (issue #10): counts and exports cope."""
     from release.exports import Exporter
     from release.gallery import render
     from release.stats import StatsCollector
+    from release.storage import Location
 
     record = {
         "key": "a" * 64,
@@ -438,9 +459,10 @@ def test_tiers_count_present_fields_only():
         1,
         1,
     ]
-    exporter = Exporter({})
-    exporter.add(record, "train", "shards/000000.tar")
-    files = exporter.files()
+    dest = Location.parse(tmp_path)
+    with Exporter(dest, {}) as exporter:
+        exporter.add(record, "train", "shards/000000.tar")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "exports").iterdir()}
     llava = json.loads(files["llava.json"])[0]
     assert all(isinstance(t["value"], str) and t["value"] for t in llava["conversations"])
     assert sum("<obj" in t["value"] for t in llava["conversations"][1::2]) >= 3  # caption, detect, ground
@@ -487,6 +509,29 @@ def test_gallery_renders_boxes_in_headless_chromium(release_a, tmp_path):
     with_boxes = palette_pixels(page, "boxes.png")
     without = palette_pixels(page + "#noboxes", "noboxes.png")
     assert with_boxes - without > 500, (with_boxes, without)  # box strokes, beyond swatches and images
+
+    # the category filter runs in the browser: only cards with a region of that category stay visible
+    html_text = (release_a / "gallery" / "index.html").read_text()
+    cats = re.findall(r'data-cats="([^"]*)"', html_text)
+    category = sorted({c for entry in cats for c in entry.strip("|").split("|") if c})[-1]
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            f"{page}#cat={quote(category)}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    shown = re.findall(r'<div class="card" data-cats="([^"]*)"( style="display: none;")?', dom)
+    assert len(shown) == len(cats)
+    assert [not hidden for _, hidden in shown] == [f"|{category}|" in entry for entry in cats]
+    assert 0 < sum(not hidden for _, hidden in shown) < len(cats) or len(set(cats)) == 1
 
 
 @pytest.fixture()
