@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from release import card, gallery
@@ -177,7 +178,7 @@ def _rejects_table(outputs: list[EngineOutput]) -> pa.Table:
         table = rejects(out).select(["uri", "key", "stage", "reason"])
         tables.append(table.append_column("input", pa.array([out.uri] * table.num_rows, pa.string())))
     table = pa.concat_tables(tables)
-    order = pa.compute.sort_indices(
+    order = pc.sort_indices(
         table,
         sort_keys=[
             ("input", "ascending"),

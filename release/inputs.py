@@ -1,7 +1,8 @@
 """Read engine outputs (the `--from` folders) without modifying them: manifest, committed parts, records.
 
 Only parts with a commit marker count (a crashed run can leave unmarked part files; the engine deletes them
-on its next start, but a release must not ship them). Record bytes are located inside the input tars once
+on its next start, but a release must not ship them). Which tar holds a record is read from the index's
+`shard` column, not derived from part names. Record bytes are located inside the input tars once
 (member offsets via `tarfile`), then read by range, so repacking in key order needs no local copy of the
 input shards and no image in memory beyond the one being copied.
 """
@@ -60,29 +61,35 @@ def open_output(uri: str, number: int) -> EngineOutput:
     markers = {rel.split("/")[-1][:-5]: loc.read_bytes(rel) for rel in loc.list("_commits", ".json")}
     audit = json.loads(loc.read_text("audit.json")) if loc.is_file("audit.json") else None
     out = EngineOutput(loc, number, json.loads(manifest_bytes), manifest_bytes, markers, audit)
-    out.parts = sorted(name for name, raw in markers.items() if json.loads(raw).get("records", 0) > 0)
+    index_parts = [rel.split("/")[-1][: -len(".parquet")] for rel in loc.list("index", ".parquet")]
+    # a part counts once its commit marker exists (an output without markers counts every index file)
+    out.parts = [p for p in index_parts if p in markers or not markers]
     return out
 
 
 def index_keys(out: EngineOutput) -> pa.Table:
-    """(key, image_ext, shard) of every committed record of `out`."""
+    """(key, image_ext, shard) of every committed record of `out`; shard relative to the output folder."""
     tables = []
     for part in out.parts:
-        table = pq.read_table(out.loc.open_input(f"index/{part}.parquet"), columns=["key", "image_ext"])
-        shard = pa.array([f"shards/{part}.tar"] * table.num_rows, pa.string())
-        tables.append(table.append_column("shard", shard))
+        table = pq.read_table(
+            out.loc.open_input(f"index/{part}.parquet"), columns=["key", "image_ext", "shard"]
+        )
+        shard = pa.array([f"shards/{name}" for name in table["shard"].to_pylist()], pa.string())
+        tables.append(table.select(["key", "image_ext"]).append_column("shard", shard))
     if not tables:
         return pa.table({"key": pa.array([], pa.string()), "image_ext": [], "shard": []})
     return pa.concat_tables(tables)
 
 
 def rejects(out: EngineOutput) -> pa.Table:
-    """The committed rejects of `out` (per part, so an unfinished run's rebuilt file is not needed)."""
+    """The committed rejects of `out`: per committed part, else the merged rejects.parquet."""
     tables = [
         pq.read_table(out.loc.open_input(rel))
         for rel in out.loc.list("rejects", ".parquet")
-        if rel.split("/")[-1][:-8] in out.commit_markers
+        if rel.split("/")[-1][: -len(".parquet")] in out.commit_markers or not out.commit_markers
     ]
+    if not tables and out.loc.is_file("rejects.parquet"):
+        tables = [pq.read_table(out.loc.open_input("rejects.parquet"))]
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in ("uri", "key", "stage", "reason")})
     return pa.concat_tables(tables, promote_options="default")
