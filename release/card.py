@@ -352,7 +352,7 @@ def render(manifest: dict[str, Any], stats: dict[str, Any], index_schema: pa.Sch
         "```python",
         "# webdataset",
         "import glob, webdataset as wds",
-        f"ds = wds.WebDataset(sorted(glob.glob('{shard_glob}'))).decode('pil')  "
+        f"ds = wds.WebDataset(sorted(glob.glob('{shard_glob}')), shardshuffle=False).decode('pil')  "
         "# sample['jpg'], sample['json']",
         "",
         "# Ray Data",
