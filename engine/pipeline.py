@@ -55,24 +55,22 @@ def prepare_output(out: Folder, cfg: EngineConfig, overwrite: bool) -> None:
     is_ours = out.exists("manifest.json") or out.exists("_commits")
     if overwrite and out.exists() and not out.is_empty():
         if not is_ours:
-            raise OutputError(
-                f"refusing to --overwrite {out.uri()}: it is not empty and not a Rexverse output"
-            )
+            raise OutputError(f"refusing to --overwrite {out.uri}: it is not empty and not a Rexverse output")
         out.delete_all()
         is_ours = False
     if not is_ours and not out.is_empty():
-        raise OutputError(f"{out.uri()} is not empty and not a Rexverse output; choose another --output")
+        raise OutputError(f"{out.uri} is not empty and not a Rexverse output; choose another --output")
     if out.exists("manifest.json") and out.list("_commits"):
         written = json.loads(out.read_bytes("manifest.json"))
         if written.get("schema_version") != SCHEMA_VERSION:
             raise OutputError(
-                f"{out.uri()} holds records of schema {written.get('schema_version')}, this Rexverse writes "
+                f"{out.uri} holds records of schema {written.get('schema_version')}, this Rexverse writes "
                 f"{SCHEMA_VERSION}; an output keeps one version: pick a new --output (old shards still read)"
             )
         old = written.get("config_hash")
         if old and old != cfg.content_hash():
             raise OutputError(
-                f"{out.uri()} was written with a different config (hash {old}, now {cfg.content_hash()}): "
+                f"{out.uri} was written with a different config (hash {old}, now {cfg.content_hash()}): "
                 "models, prompts or thresholds changed. Rerun with the same config to resume, add "
                 "--overwrite to start over, or choose a new --output"
             )
@@ -344,7 +342,7 @@ def run(
     rejects = sum(r["rejects"] for r in results)
     print(
         f"run: {len(todo)} processed ({records} records, {rejects} rejects) in {wall:.1f}s; "
-        f"output totals: {totals['records']} records, {totals['rejects']} rejects -> {out.uri()}",
+        f"output totals: {totals['records']} records, {totals['rejects']} rejects -> {out.uri}",
         flush=True,
     )
     return RunResult(len(listed), len(listed) - len(todo), records, rejects, wall, manifest)

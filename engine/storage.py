@@ -20,7 +20,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 import pyarrow.fs as pafs
 
@@ -90,7 +90,11 @@ def to_uri(scheme: str, fs_path: str) -> str:
 
 
 class Folder:
-    """A folder on a local disk or an object store, addressed by paths relative to it."""
+    """A folder on a local disk or an object store, addressed by paths relative to it.
+
+    Writes are whole or absent: locally a temp file renamed into place, on object stores one streamed
+    upload that only becomes an object when it completes (and is deleted if the writer fails).
+    """
 
     def __init__(self, location: str | os.PathLike[str]) -> None:
         self.location = str(location)
@@ -100,17 +104,22 @@ class Folder:
     def __reduce__(self) -> tuple:  # rebuilt from its location in each worker (credentials from env)
         return (Folder, (self.location,))
 
+    @property
+    def uri(self) -> str:
+        """Where it is, for users: the local absolute path or the object-store URI."""
+        return self.root if self.local else self.location.rstrip("/")
+
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative) if relative else self.root
 
-    def uri(self, relative: str = "") -> str:
-        """A location string for users (a local path, or the object-store URI)."""
-        if self.local:
-            return os.path.join(self.root, relative) if relative else self.root
-        return posixpath.join(self.location.rstrip("/"), relative) if relative else self.location
-
     def exists(self, relative: str = "") -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def is_file(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
+
+    def size(self, relative: str) -> int:
+        return self.fs.get_file_info(self.path(relative)).size
 
     def is_empty(self) -> bool:
         selector = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
@@ -126,34 +135,67 @@ class Folder:
         infos = self.fs.get_file_info(selector)
         return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
+    def files(self, relative: str = "", suffix: str = "", recursive: bool = False) -> list[str]:
+        """Paths relative to the folder of the files under `relative` ending in `suffix`, sorted."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True, recursive=recursive)
+        base = self.root.rstrip("/") + "/"
+        return sorted(
+            info.path.removeprefix(base)
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.endswith(suffix)
+        )
+
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as handle:
             return handle.read()
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode("utf-8")
+
+    def open_input(self, relative: str) -> Any:
+        """A seekable file (ranged reads on object stores)."""
+        return self.fs.open_input_file(self.path(relative))
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         with self.open_write(relative) as handle:
             handle.write(data)
 
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode("utf-8"))
+
     @contextmanager
     def open_write(self, relative: str) -> Iterator[IO[bytes]]:
-        """Write a file so that readers see all of it or nothing (local: temp + rename; object: one PUT)."""
+        """Write a file so that readers see all of it or nothing."""
         final = self.path(relative)
         if self.local:
             os.makedirs(posixpath.dirname(final), exist_ok=True)
             tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.tmp")
-            with open(tmp, "wb") as handle:
-                yield handle
+            try:
+                with open(tmp, "wb") as handle:
+                    yield handle
+            except BaseException:
+                os.unlink(tmp)
+                raise
             os.replace(tmp, final)
         else:
-            with self.fs.open_output_stream(final) as handle:
-                yield handle
+            stream = self.fs.open_output_stream(final)
+            try:
+                yield stream
+            except BaseException:
+                stream.close()
+                self.fs.delete_file(final)
+                raise
+            stream.close()
 
     def delete(self, relative: str) -> None:
-        self.fs.delete_file(self.path(relative))
+        if self.is_file(relative):
+            self.fs.delete_file(self.path(relative))
+
+    def delete_dir(self, relative: str) -> None:
+        if self.exists(relative):
+            self.fs.delete_dir(self.path(relative))
 
     def delete_all(self) -> None:
-        """Delete everything under the folder (for --overwrite)."""
-        if self.local:
-            self.fs.delete_dir(self.root)
-        else:
-            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+        """Delete everything in the folder (callers check first that it is theirs)."""
+        if self.exists():
+            self.fs.delete_dir_contents(self.root)

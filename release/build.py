@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.storage import Folder
 from release import card, gallery
 from release.canonical import dumps
 from release.diff import release_diff
@@ -30,7 +31,6 @@ from release.inputs import EngineOutput, open_output, rejects
 from release.plan import Plan, make_plan, parse_split
 from release.shards import MemberIndex, iter_shard, write_shard
 from release.stats import StatsCollector
-from release.storage import Location
 from release.tiers import tier_counts
 from schemas import INDEX_SCHEMA, to_index_row
 
@@ -107,7 +107,7 @@ def fingerprint(opts: Options, outputs: list[EngineOutput], code: str) -> str:
     return h.hexdigest()
 
 
-def _prepare_dest(dest: Location, fp: str, overwrite: bool) -> dict[str, Any] | None:
+def _prepare_dest(dest: Folder, fp: str, overwrite: bool) -> dict[str, Any] | None:
     """None when the release is complete and current; else the resume state (possibly fresh)."""
     if dest.is_file(MARKER):
         state = json.loads(dest.read_text(MARKER))
@@ -118,7 +118,7 @@ def _prepare_dest(dest: Location, fp: str, overwrite: bool) -> dict[str, Any] | 
                 f"{dest.uri} holds an unfinished release of other inputs or options; "
                 "pass --overwrite to discard it, or choose another --to"
             )
-        dest.clear()
+        dest.delete_all()
     elif dest.is_file("SHA256SUMS") and dest.is_file("manifest.json"):
         done = json.loads(dest.read_text("manifest.json")).get("build", {}).get("fingerprint")
         if done == fp:
@@ -129,8 +129,8 @@ def _prepare_dest(dest: Location, fp: str, overwrite: bool) -> dict[str, Any] | 
                 "(releases are immutable); "
                 "choose a new --to (e.g. with the next --version), or pass --overwrite to replace it"
             )
-        dest.clear()
-    elif dest.list(recursive=True):
+        dest.delete_all()
+    elif dest.files(recursive=True):
         raise ReleaseError(
             f"{dest.uri} is not empty and holds no release: choose an empty or new --to folder"
         )
@@ -196,7 +196,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _sha256(dest: Location, rel: str) -> str:
+def _sha256(dest: Folder, rel: str) -> str:
     h = hashlib.sha256()
     with dest.open_input(rel) as f:
         while chunk := f.read(1 << 22):
@@ -217,7 +217,7 @@ def build(opts: Options, progress: Callable[[str], None] = log.info) -> Result:
         raise ReleaseError("give at least one --from engine output")
     outputs = [open_output(uri, i) for i, uri in enumerate(opts.sources)]
     if opts.previous:
-        prev = Location.parse(opts.previous)
+        prev = Folder(opts.previous)
         if not (prev.is_file("manifest.json") and prev.is_file("SHA256SUMS")) or prev.is_file(MARKER):
             raise ReleaseError(
                 f"--previous {opts.previous}: not a finished release (no SHA256SUMS, or unfinished)"
@@ -228,15 +228,15 @@ def build(opts: Options, progress: Callable[[str], None] = log.info) -> Result:
 
     code = code_version()
     fp = fingerprint(opts, outputs, code)
-    dest = Location.parse(opts.dest)
+    dest = Folder(opts.dest)
     state = _prepare_dest(dest, fp, opts.overwrite)
     plan = make_plan(outputs, fractions, opts.shard_size)
     if state is None:
         progress(f"{dest.uri} is already this release (fingerprint {fp[:12]}); nothing to do")
         return Result(dest.uri, True, plan.records, len(plan.duplicates), _file_sizes(dest))
     dest.write_text(MARKER, dumps(state))
-    for rel in dest.list(recursive=True):  # temporary files of a killed build
-        if rel.endswith(".partial") and rel.rsplit("/", 1)[-1].startswith("."):
+    for rel in dest.files(recursive=True):  # temporary files of a killed build
+        if rel.endswith(".tmp") and rel.rsplit("/", 1)[-1].startswith("."):
             dest.delete(rel)
 
     members = MemberIndex(outputs)
@@ -258,20 +258,20 @@ def build(opts: Options, progress: Callable[[str], None] = log.info) -> Result:
     return Result(dest.uri, False, plan.records, len(plan.duplicates), _file_sizes(dest))
 
 
-def _release_files(dest: Location) -> list[str]:
+def _release_files(dest: Folder) -> list[str]:
     return [
         rel
-        for rel in dest.list(recursive=True)
+        for rel in dest.files(recursive=True)
         if rel != MARKER and not rel.rsplit("/", 1)[-1].startswith(".")
     ]
 
 
-def _file_sizes(dest: Location) -> dict[str, int]:
+def _file_sizes(dest: Folder) -> dict[str, int]:
     return {rel: dest.size(rel) for rel in _release_files(dest)}
 
 
 def _write_derived(
-    dest: Location,
+    dest: Folder,
     opts: Options,
     outputs: list[EngineOutput],
     plan: Plan,
@@ -297,7 +297,7 @@ def _write_derived(
     regions_total = 0
     with Exporter(dest, info) as exporter:  # streamed while the records pass by
         for split, shards in plan.shards.items():
-            with dest.open_output(f"index/{split}.parquet") as stream:
+            with dest.open_write(f"index/{split}.parquet") as stream:
                 writer = pq.ParquetWriter(stream, INDEX_RELEASE_SCHEMA)
                 for rel in shards:
                     rows = []

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from release.storage import Location
+from engine.storage import Folder
 
 MAX_LISTED = 20  # keys listed in the card; the manifest carries the counts
 
@@ -21,9 +21,9 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
-def previous_keys(prev: Location) -> set[str]:
+def previous_keys(prev: Folder) -> set[str]:
     keys: set[str] = set()
-    for rel in prev.list("index", ".parquet"):
+    for rel in prev.files("index", ".parquet"):
         keys.update(pq.read_table(prev.open_input(rel), columns=["key"])["key"].to_pylist())
     return keys
 
@@ -39,7 +39,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, A
 
 
 def release_diff(prev_uri: str, keys: set[str], manifest: dict[str, Any]) -> dict[str, Any]:
-    prev = Location.parse(prev_uri)
+    prev = Folder(prev_uri)
     if not (prev.is_file("manifest.json") and prev.is_file("SHA256SUMS")):
         raise ValueError(f"--previous {prev_uri}: not a finished release (no manifest.json or SHA256SUMS)")
     old = json.loads(prev.read_text("manifest.json"))

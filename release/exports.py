@@ -29,8 +29,8 @@ from chatrex.tasks import (
     detection_answer,
     mix_boxes,
 )
+from engine.storage import Folder
 from release.canonical import dumps
-from release.storage import Location
 from release.tiers import has
 
 LLAVA_MAX_BOXES = 100  # ChatRex's default number of index tokens
@@ -65,7 +65,7 @@ class Exporter:
     local temporary file meanwhile.
     """
 
-    def __init__(self, dest: Location, info: dict[str, Any]) -> None:
+    def __init__(self, dest: Folder, info: dict[str, Any]) -> None:
         self.dest, self.info = dest, info
         self.category_id: dict[str, int] = {}
         self.images = 0
@@ -73,7 +73,7 @@ class Exporter:
 
     def __enter__(self) -> Exporter:
         def output(name: str) -> Any:
-            return self.stack.enter_context(self.dest.open_output(f"exports/{name}"))
+            return self.stack.enter_context(self.dest.open_write(f"exports/{name}"))
 
         self.coco, self.captions = output("coco.json"), output("coco_captions.json")
         self.odvg, self.detection = output("odvg.jsonl"), output("odvg_detection.jsonl")

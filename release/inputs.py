@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from release.storage import Location
+from engine.storage import Folder
 
 
 class InputError(ValueError):
@@ -37,7 +37,7 @@ class Member:
 class EngineOutput:
     """One --from folder: its manifest, committed parts and (optional) audit."""
 
-    loc: Location
+    loc: Folder
     number: int
     manifest: dict[str, Any]
     manifest_bytes: bytes
@@ -51,17 +51,17 @@ class EngineOutput:
 
 
 def open_output(uri: str, number: int) -> EngineOutput:
-    loc = Location.parse(uri)
+    loc = Folder(uri)
     if not loc.is_file("manifest.json"):
         raise InputError(
             f"{uri} has no manifest.json: --from must be an engine output folder "
             "(written by pipelines/rexverse2m.py and finished at least once)"
         )
     manifest_bytes = loc.read_bytes("manifest.json")
-    markers = {rel.split("/")[-1][:-5]: loc.read_bytes(rel) for rel in loc.list("_commits", ".json")}
+    markers = {rel.split("/")[-1][:-5]: loc.read_bytes(rel) for rel in loc.files("_commits", ".json")}
     audit = json.loads(loc.read_text("audit.json")) if loc.is_file("audit.json") else None
     out = EngineOutput(loc, number, json.loads(manifest_bytes), manifest_bytes, markers, audit)
-    index_parts = [rel.split("/")[-1][: -len(".parquet")] for rel in loc.list("index", ".parquet")]
+    index_parts = [rel.split("/")[-1][: -len(".parquet")] for rel in loc.files("index", ".parquet")]
     # a part counts once its commit marker exists (an output without markers counts every index file)
     out.parts = [p for p in index_parts if p in markers or not markers]
     return out
@@ -85,7 +85,7 @@ def rejects(out: EngineOutput) -> pa.Table:
     """The committed rejects of `out`: per committed part, else the merged rejects.parquet."""
     tables = [
         pq.read_table(out.loc.open_input(rel))
-        for rel in out.loc.list("rejects", ".parquet")
+        for rel in out.loc.files("rejects", ".parquet")
         if rel.split("/")[-1][: -len(".parquet")] in out.commit_markers or not out.commit_markers
     ]
     if not tables and out.loc.is_file("rejects.parquet"):

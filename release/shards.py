@@ -11,9 +11,9 @@ from typing import Any
 
 import webdataset as wds
 
+from engine.storage import Folder
 from release.inputs import EngineOutput, locate_members
 from release.plan import Entry
-from release.storage import Location
 
 TAR_MTIME = 0  # fixed timestamps: reproducible tars
 
@@ -38,11 +38,11 @@ class MemberIndex:
         return found
 
 
-def write_shard(dest: Location, rel: str, entries: list[Entry], index: MemberIndex) -> None:
+def write_shard(dest: Folder, rel: str, entries: list[Entry], index: MemberIndex) -> None:
     """Write one release shard; input files are opened once per input tar and read by range."""
     handles: dict[tuple[int, str], Any] = {}
     try:
-        with dest.open_output(rel) as stream:
+        with dest.open_write(rel) as stream:
             writer = wds.TarWriter(stream, user="rexverse", group="rexverse", mtime=TAR_MTIME, encoder=False)
             for entry in entries:
                 sample: dict[str, Any] = {"__key__": entry.key}
@@ -59,7 +59,7 @@ def write_shard(dest: Location, rel: str, entries: list[Entry], index: MemberInd
             handle.close()
 
 
-def iter_shard(dest: Location, rel: str) -> Any:
+def iter_shard(dest: Folder, rel: str) -> Any:
     """(key, {ext: bytes}) per sample of a release shard, in order (members of a sample are adjacent)."""
 
     with dest.open_input(rel) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:

@@ -275,7 +275,7 @@ def test_interrupted_build_resumes_to_the_same_bytes(release_a, outputs, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         _build([outputs["A"]], dest)
     assert (dest / MARKER).exists() and not (dest / "SHA256SUMS").exists()
-    assert not list(dest.rglob(".*.partial"))  # the shard being written was not left half-written
+    assert not list(dest.rglob(".*.tmp"))  # the shard being written was not left half-written
     monkeypatch.setattr(build_module, "write_shard", real)
     written = []
     monkeypatch.setattr(build_module, "write_shard", lambda *a, **k: (written.append(a[1]), real(*a, **k)))
@@ -407,10 +407,10 @@ def test_inputs_are_never_modified(outputs, release_a):
 
 def test_tiers_count_present_fields_only(tmp_path):
     """Records with null short_phrase/description/referring (issue #10): counts and exports cope."""
+    from engine.storage import Folder
     from release.exports import Exporter
     from release.gallery import render
     from release.stats import StatsCollector
-    from release.storage import Location
 
     record = {
         "key": "a" * 64,
@@ -459,7 +459,7 @@ def test_tiers_count_present_fields_only(tmp_path):
         1,
         1,
     ]
-    dest = Location.parse(tmp_path)
+    dest = Folder(tmp_path)
     with Exporter(dest, {}) as exporter:
         exporter.add(record, "train", "shards/000000.tar")
     files = {p.name: p.read_bytes() for p in (tmp_path / "exports").iterdir()}
