@@ -71,6 +71,10 @@ class CaptionConfig(Strict):
     generation: GenerationConfig = GenerationConfig()
     max_image_side: int = Field(1344, ge=32)
     max_words: int = Field(60, ge=1)
+    # vlm: the VLM writes every caption; input: the input's own text (alt text, caption column, COCO
+    # caption) replaces it where present (the VLM captions the rest); both: the VLM caption is grounded and
+    # the input text is kept beside it as caption.input
+    source: Literal["vlm", "input", "both"] = "vlm"
     resources: Resources = Resources()
 
 
@@ -80,6 +84,7 @@ class PhrasesConfig(Strict):
     min_chars: int = Field(2, ge=1)
     max_words: int = Field(8, ge=1)
     max_phrases: int = Field(16, ge=1)
+    conversation_roles: list[str] = Field(default_factory=lambda: ["gpt", "assistant"])  # turns to ground
     resources: Resources = Resources(batch_size=64, num_cpus=0.25)
 
 
@@ -121,22 +126,42 @@ class RegionCaptionConfig(Strict):
 
 
 class RefineConfig(Strict):
+    """Region tiers past the category (paper §4.1): category and short phrase come from the grounded phrase
+    (no model call), the description is verified by the LLM, the referring expression is rewritten from a
+    verified description and checked against the word rules (retried with the reason, never truncated)."""
+
     model: ModelRef
     system_prompt: str
     verify_prompt: str
-    category_prompt: str
-    short_phrase_prompt: str
     referring_prompt: str
+    referring_retry_prompt: str = (
+        'Your answer "{answer}" was rejected: {reason}. Write it again as {min_words} to {max_words} words '
+        "with no commas. Reply with the expression only."
+    )
     yes_words: list[str] = Field(default_factory=lambda: ["yes", "Yes"])
     no_words: list[str] = Field(default_factory=lambda: ["no", "No"])
     verify_threshold: float = Field(0.5, ge=0, le=1)
     generation: GenerationConfig = GenerationConfig(max_new_tokens=24)
+    # category of a region: the phrase's `noun` (adjectives and numbers dropped, head lemmatised; Rex-Omni
+    # keeps "lemon", not "green lemon"), its `head` lemma only, or the whole `phrase`
+    category_from: Literal["noun", "head", "phrase"] = "noun"
     max_category_words: int = Field(3, ge=1)
-    max_short_phrase_words: int = Field(6, ge=1)
-    referring_min_words: int = Field(3, ge=1)
+    # short phrase: the grounded phrase when it is descriptive (paper: 3+ words), else the tier is not reached
+    min_short_phrase_words: int = Field(3, ge=1)
+    max_short_phrase_words: int = Field(8, ge=1)
+    referring_min_words: int = Field(5, ge=1)
     referring_max_words: int = Field(10, ge=1)
+    referring_retries: int = Field(1, ge=0, le=3)
     regions_per_call: int = Field(16, ge=1)
     resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> RefineConfig:
+        if self.referring_min_words > self.referring_max_words:
+            raise ValueError("referring_min_words must be <= referring_max_words")
+        if self.min_short_phrase_words > self.max_short_phrase_words:
+            raise ValueError("min_short_phrase_words must be <= max_short_phrase_words")
+        return self
 
 
 class FilterConfig(Strict):
@@ -175,6 +200,8 @@ class SegmentConfig(Strict):
 
 
 class StagesConfig(Strict):
+    # stages.collect's config class lives in stages/collect.py (which imports this module): validated lazily
+    collect: Any = Field(default=None, validate_default=True)
     caption: CaptionConfig
     phrases: PhrasesConfig = PhrasesConfig()
     grounding: GroundingConfig
@@ -184,6 +211,13 @@ class StagesConfig(Strict):
     filter: FilterConfig
     proposals: ProposalsConfig = ProposalsConfig()
     segment: SegmentConfig = SegmentConfig()
+
+    @field_validator("collect", mode="before")
+    @classmethod
+    def _collect_config(cls, value: Any) -> Any:
+        from stages.collect import CollectConfig
+
+        return value if isinstance(value, CollectConfig) else CollectConfig.model_validate(value or {})
 
     @model_validator(mode="after")
     def _enabled_stages_name_a_model(self) -> StagesConfig:

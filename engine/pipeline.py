@@ -44,6 +44,7 @@ def stage_specs(cfg: EngineConfig) -> list[tuple[type, Any]]:
 
     s = cfg.stages
     specs: list[tuple[type, Any]] = [
+        *_collect_spec(cfg),
         (Caption, s.caption),
         (Phrases, s.phrases),
         (Grounding, s.grounding),
@@ -61,6 +62,16 @@ def stage_specs(cfg: EngineConfig) -> list[tuple[type, Any]]:
 
         specs.append((Segment, s.segment))
     return specs
+
+
+def _collect_spec(cfg: EngineConfig) -> list[tuple[type, Any]]:
+    """The collection filters (stages/collect.py) when enabled: before captioning, so no model time is
+    spent on images they reject."""
+    if not cfg.stages.collect.enabled:
+        return []
+    from stages.collect import Collect
+
+    return [(Collect, cfg.stages.collect)]
 
 
 def prepare_output(out: Path, cfg: EngineConfig, overwrite: bool) -> None:
@@ -325,6 +336,7 @@ def write_manifest(
             "shards": len(list((out / "shards").glob("*.tar"))),
         },
         "stages": totals.to_dict(),
+        **totals.tiers_dict(),  # regions per tier as written to the shards, and why regions lack a tier
         "runs": [*previous.get("runs", []), run_entry],
     }
     atomic_write(path, json.dumps(manifest, indent=2).encode())

@@ -84,6 +84,7 @@ def load_committed(out: Path) -> Committed:
         state.records += info["records"]
         state.rejects += info["rejects"]
         state.stats.merge(RunStats.from_dict(info["stats"]))
+        state.stats.merge_tiers(info.get("tiers"))
         if info["records"]:
             index = pq.read_table(out / "index" / f"{part:06d}.parquet", columns=["key", "source_uri"])
             for key, uri in zip(index["key"].to_pylist(), index["source_uri"].to_pylist(), strict=True):
@@ -182,6 +183,7 @@ class ShardSink:
             "records": len(self.index_rows),
             "rejects": len(self.reject_rows),
             "stats": self.part_stats.to_dict(),
+            "tiers": self.part_stats.tiers_dict(),
         }
         atomic_write(self.out / "_commits" / f"{name}.json", json.dumps(marker, indent=1).encode())
         self.records_written += len(self.index_rows)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.input_text import encode_text, from_metadata, sample_key, tar_texts
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TAR_SUFFIXES = (".tar",)
 TABLE_SUFFIXES = (".parquet", ".jsonl")
@@ -30,6 +32,7 @@ LISTING_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("offset", pa.int64()),
         ("size", pa.int64()),
+        ("text", pa.string()),  # the input's own caption/conversation as JSON (engine/input_text.py)
     ]
 )
 
@@ -47,6 +50,7 @@ class SourceItem:
     path: str
     offset: int = -1
     size: int = -1
+    text: str = ""
 
 
 def is_image_name(name: str) -> bool:
@@ -60,7 +64,11 @@ def list_folder(folder: Path, dataset: str) -> Iterator[SourceItem]:
         for name in sorted(files):
             if is_image_name(name):
                 path = os.path.join(root, name)
-                yield SourceItem(uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path))
+                caption = Path(path).with_suffix(".txt")  # alt text beside the image, if any
+                text = encode_text(caption.read_text(errors="replace")) if caption.is_file() else ""
+                yield SourceItem(
+                    uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path), text=text
+                )
 
 
 def list_tar(tar_path: Path, dataset: str) -> Iterator[SourceItem]:
@@ -72,7 +80,9 @@ def list_tar(tar_path: Path, dataset: str) -> Iterator[SourceItem]:
     path = os.path.abspath(tar_path)
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
+            members = tar.getmembers()
+            texts = tar_texts(tar, members)  # a sample's .txt/.json: its own caption or conversation
+            for member in members:
                 if member.isfile() and is_image_name(member.name):
                     yield SourceItem(
                         uri=f"{path}#{member.name}",
@@ -80,6 +90,7 @@ def list_tar(tar_path: Path, dataset: str) -> Iterator[SourceItem]:
                         path=path,
                         offset=member.offset_data,
                         size=member.size,
+                        text=texts.get(sample_key(member.name), ""),
                     )
     except tarfile.TarError as exc:
         raise InputError(f"{path}: not a readable (uncompressed) tar: {exc}") from exc
@@ -101,19 +112,29 @@ def list_table(table_path: Path, dataset: str) -> Iterator[SourceItem]:
         if "://" in local:
             raise InputError(f"{table_path}: only local paths are supported in v1, got {uri!r}")
         path = Path(local) if os.path.isabs(local) else base / local
-        yield SourceItem(uri=uri, dataset=str(row.get("dataset") or dataset), path=os.path.abspath(path))
+        yield SourceItem(
+            uri=uri,
+            dataset=str(row.get("dataset") or dataset),
+            path=os.path.abspath(path),
+            text=from_metadata(row),
+        )
 
 
 def list_coco(json_path: Path, dataset: str) -> Iterator[SourceItem]:
     """Images of a COCO-format json; `file_name` is relative to the json's folder (or to `images/`)."""
     data = json.loads(json_path.read_text())
     base = json_path.parent
+    captions: dict[int, str] = {}  # COCO captions files: annotations[].caption, first by id per image
+    for ann in sorted(data.get("annotations", []), key=lambda a: a.get("id", 0)):
+        if isinstance(ann.get("caption"), str):
+            captions.setdefault(ann["image_id"], ann["caption"])
     for image in sorted(data["images"], key=lambda im: im["id"]):
         name = image["file_name"]
         path = base / name
         if not path.exists() and (base / "images" / name).exists():
             path = base / "images" / name
-        yield SourceItem(uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path))
+        text = encode_text(image.get("caption") or captions.get(image["id"]), image.get("conversations"))
+        yield SourceItem(uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path), text=text)
 
 
 def _list_one(path: Path, dataset: str) -> Iterator[SourceItem]:

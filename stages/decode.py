@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from engine.config import DecodeConfig
 from engine.images import DecodeLimits, ImageRejected, decode
+from engine.input_text import decode_text
 from engine.items import Item, items_to_batch
 from engine.sources import ReadError, read_bytes
 from schemas import SCHEMA_VERSION
@@ -65,7 +66,8 @@ class Decode:
             if owner is not None:
                 items[i].reject(NAME, f"duplicate: same bytes as {owner}")
             else:
-                self._decode(items[i], str(batch["dataset"][i]))
+                text = batch["text"][i] if "text" in batch else ""
+                self._decode(items[i], str(batch["dataset"][i]), str(text or ""))
         seconds = (time.perf_counter() - start) / max(len(items), 1)
         for item in items:
             item.trace[NAME] = {"seconds": seconds, "in": 0, "out": 0}
@@ -85,13 +87,15 @@ class Decode:
         item.image = data
         return item
 
-    def _decode(self, item: Item, dataset: str) -> None:
+    def _decode(self, item: Item, dataset: str, text: str = "") -> None:
         try:
             image = decode(item.image, self.limits)
         except ImageRejected as exc:
             item.reject(NAME, str(exc))
             return
         item.image = image.data
+        own = decode_text(text)  # the input's own caption / conversation (stages.caption.source uses it)
+        turns = own.get("conversation")
         item.record = {
             "key": item.key,
             "schema_version": SCHEMA_VERSION,
@@ -99,10 +103,11 @@ class Decode:
             "width": image.width,
             "height": image.height,
             "image_ext": image.ext,
-            "caption": {"text": "", "model": ""},
+            "caption": {"text": "", "model": "", "input": own.get("caption")},
             "phrases": [],
             "regions": [],
             "grounded_caption": None,
+            "grounded_conversation": [t | {"spans": []} for t in turns] if turns else None,
             "proposals": [],
             "dropped": [],
             "provenance": {NAME: {"reencoded": image.reencoded}},
