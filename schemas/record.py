@@ -42,6 +42,7 @@ class Phrase:
     start: int
     end: int
     head: str = ""
+    noun: str = ""  # since 1.2: the phrase without adjectives/numbers, head lemmatised ("lemon")
     turn: int | None = None  # since 1.2: index of the conversation turn the span is in (None: the caption)
 
 
