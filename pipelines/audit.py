@@ -94,11 +94,15 @@ class CategoryNamer:
         return self.gt[close[0]] if close else None
 
 
-def match_count(pred: list[list[float]], pred_names: list[str | None], gt: list[tuple[list[float], str]]) -> int:
+def match_count(
+    pred: list[list[float]], pred_names: list[str | None], gt: list[tuple[list[float], str]]
+) -> int:
     """Number of one-to-one (region, GT box) pairs with IoU >= 0.5 and agreeing names (None name = any)."""
     if not pred or not gt:
         return 0
-    iou = box_iou(torch.tensor(pred, dtype=torch.float64), torch.tensor([b for b, _ in gt], dtype=torch.float64))
+    iou = box_iou(
+        torch.tensor(pred, dtype=torch.float64), torch.tensor([b for b, _ in gt], dtype=torch.float64)
+    )
     ok = iou.numpy() >= IOU
     for i, name in enumerate(pred_names):
         if name is not None:
@@ -152,8 +156,14 @@ def box_audit(rows: list[dict[str, Any]], gt: dict[str, list], namer: CategoryNa
         "matched": tp,
         "box_recall@0.5": ratio(tp, n_gt),
         "box_precision@0.5": ratio(tp, n_pred),
-        "class_agnostic": {"recall@0.5": ratio(tp_agnostic, n_gt), "precision@0.5": ratio(tp_agnostic, n_pred)},
-        "baseline_whole_image_box": {"recall@0.5": ratio(tp_whole, n_gt), "precision@0.5": ratio(tp_whole, n_pred)},
+        "class_agnostic": {
+            "recall@0.5": ratio(tp_agnostic, n_gt),
+            "precision@0.5": ratio(tp_agnostic, n_pred),
+        },
+        "baseline_whole_image_box": {
+            "recall@0.5": ratio(tp_whole, n_gt),
+            "precision@0.5": ratio(tp_whole, n_pred),
+        },
         "unmapped_categories": dict(unnamed.most_common(20)),
     }
 
@@ -217,7 +227,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| baseline: same regions, whole-image boxes | {box['baseline_whole_image_box']['recall@0.5']} | "
         f"{box['baseline_whole_image_box']['precision@0.5']} |",
         "",
-        f"GT boxes: {box['gt_boxes']}; category regions: {box['category_regions']}; matched: {box['matched']}.",
+        f"GT boxes: {box['gt_boxes']}; category regions: {box['category_regions']}; "
+        f"matched: {box['matched']}.",
         "",
         "| tier | regions (matched images) | regions (whole output) |",
         "|---|---|---|",
@@ -270,16 +281,26 @@ def audit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, type=Path, help="an engine output folder (index/, shards/)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="an engine output folder (index/, shards/)"
+    )
     parser.add_argument("--coco", required=True, type=Path, help="COCO-format GT json for the same images")
     parser.add_argument("--synonyms", type=Path, default=None, help='JSON {"alias": "gt category name"}')
     parser.add_argument("--name-cutoff", type=float, default=0.85, help="difflib ratio for nearest GT name")
-    parser.add_argument("--grounding-model", default=None, help="e.g. tiny:grounding-dino: back-ground referring")
-    parser.add_argument("--grounding-backend", default="transformers", choices=["transformers", "groundingdino-py"])
+    parser.add_argument(
+        "--grounding-model", default=None, help="e.g. tiny:grounding-dino: back-ground referring"
+    )
+    parser.add_argument(
+        "--grounding-backend", default="transformers", choices=["transformers", "groundingdino-py"]
+    )
     args = parser.parse_args(argv)
     synonyms = json.loads(args.synonyms.read_text()) if args.synonyms else {}
-    report = audit(args.output, args.coco, synonyms, args.name_cutoff, args.grounding_model, args.grounding_backend)
+    report = audit(
+        args.output, args.coco, synonyms, args.name_cutoff, args.grounding_model, args.grounding_backend
+    )
     box, tiers = report["boxes"], report["tiers_matched"]
     print(markdown(report))
     print(

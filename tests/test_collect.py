@@ -1,4 +1,4 @@
-"""Collection filters: near-constant images by pixel statistics, NSFW / low-content classifiers by threshold."""
+"""Collection filters: near-constant images by pixel statistics, NSFW / low-content classifiers."""
 
 from __future__ import annotations
 
