@@ -105,7 +105,7 @@ def test_category_names_map_by_synonym_head_noun_and_nearest_name():
 
 def test_input_source_uses_webdataset_alt_text_as_caption(tmp_path):
     names = sorted(n for n in ALT if n.startswith("scene_") and n.endswith(".jpg"))[:6]
-    tar = write_wds(tmp_path / "alt.tar", names)
+    tar = write_wds(tmp_path / "alt.tar", names, conversation=True)
     cfg = load_config(FIXTURE_CONFIG, ["stages.caption.source=input"])
     out = tmp_path / "out"
     run(cfg, [str(tar)], out, use_ray=False)
@@ -116,4 +116,8 @@ def test_input_source_uses_webdataset_alt_text_as_caption(tmp_path):
         record = by_member.get(f"{i:05d}.jpg")
         if record is not None:  # (the collection filters may reject an image)
             assert record["caption"] == {"text": ALT[name], "model": "input", "input": None}
-            assert all(ALT[name][p["start"] : p["end"]] == p["text"] for p in record["phrases"])
+            caption_phrases = [p for p in record["phrases"] if p["turn"] is None]
+            assert all(ALT[name][p["start"] : p["end"]] == p["text"] for p in caption_phrases)
+            question, answer = record["grounded_conversation"]  # the .json's conversation, grounded
+            assert question["role"] == "human" and answer == answer | {"role": "gpt", "text": "A ring."}
+            assert validate(record) == []
