@@ -12,7 +12,11 @@ question and answer over those boxes:
 - brief grounded caption: the caption with its grounded phrases pointing at indices;
 - counting: how many regions of a category, with the grounding.
 
-Question templates are module constants, shared by training and evaluation.
+Question templates are module constants, shared by training and evaluation. Records are tiered (schema
+1.2): every region has a category, the other texts only where they passed their checks, so each task draws
+from the regions that carry its text (detection/counting from all regions, phrase grounding from regions
+with a short phrase, referring from regions with a referring expression, region understanding from the
+texts a region has).
 """
 
 from __future__ import annotations
@@ -113,17 +117,8 @@ def make_task(task: str, record: dict[str, Any], boxes: InputBoxes, rng: random.
         categories = rng.sample(sorted(groups), k=min(len(groups), rng.randint(1, 3)))
         question = DETECT_MANY_QUESTION.format(categories=", ".join(categories))
         return TaskSample(task, question, detection_answer(categories, groups))
-    region = rng.choice(regions)
-    index = boxes.region_index[region["id"]]
-    if task == "phrase":
-        answer = format_answer([Grounding(region["short_phrase"], [index])])
-        return TaskSample(task, PHRASE_QUESTION.format(phrase=region["short_phrase"]), answer)
-    if task == "refer":
-        answer = format_answer([Grounding(region["referring"], [index])])
-        return TaskSample(task, REFER_QUESTION.format(referring=region["referring"]), answer)
-    if task == "region":
-        field = rng.choice(sorted(REGION_QUESTIONS))
-        return TaskSample(f"region_{field}", REGION_QUESTIONS[field].format(index=index), region[field])
+    if task in ("phrase", "refer", "region"):
+        return region_task(task, regions, boxes, rng)
     if task == "caption":
         return caption_task(record, boxes)
     if task == "count":
@@ -132,6 +127,26 @@ def make_task(task: str, record: dict[str, Any], boxes: InputBoxes, rng: random.
         answer = f"{count} " + format_answer([Grounding(category, groups[category])])
         return TaskSample(task, COUNT_QUESTION.format(category=category), answer)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+def region_task(
+    task: str, regions: list[dict[str, Any]], boxes: InputBoxes, rng: random.Random
+) -> TaskSample | None:
+    """A task about one region, drawn among the regions that carry the text it needs (None if none does)."""
+    needs = {"phrase": "short_phrase", "refer": "referring"}.get(task)
+    candidates = [r for r in regions if r.get(needs)] if needs else regions
+    if not candidates:
+        return None
+    region = rng.choice(candidates)
+    index = boxes.region_index[region["id"]]
+    if task == "phrase":
+        answer = format_answer([Grounding(region["short_phrase"], [index])])
+        return TaskSample(task, PHRASE_QUESTION.format(phrase=region["short_phrase"]), answer)
+    if task == "refer":
+        answer = format_answer([Grounding(region["referring"], [index])])
+        return TaskSample(task, REFER_QUESTION.format(referring=region["referring"]), answer)
+    field = rng.choice([f for f in sorted(REGION_QUESTIONS) if region.get(f)])
+    return TaskSample(f"region_{field}", REGION_QUESTIONS[field].format(index=index), region[field])
 
 
 def caption_task(record: dict[str, Any], boxes: InputBoxes) -> TaskSample | None:

@@ -335,6 +335,7 @@ def run(
     this_run = RunStats()
     for result in results:
         this_run.merge(RunStats.from_dict(result["stats"]))
+        this_run.merge_tiers(result.get("tiers"))
     manifest = write_manifest(out, cfg, inputs, limit, len(listed), results, this_run, committed, wall, mode)
     print(format_table(this_run, order), flush=True)
     totals = manifest["counts"]
@@ -400,6 +401,7 @@ def write_manifest(
         },
         "stage_order": order,
         "stages": totals.to_dict(order),
+        **totals.tiers_dict(),  # regions per tier as written to the shards, and why regions lack a tier
         "runs": [*previous.get("runs", []), run_entry],
     }
     out.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())

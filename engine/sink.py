@@ -86,6 +86,7 @@ def load_committed(out: Folder) -> Committed:
         state.records += info["records"]
         state.rejects += info["rejects"]
         state.stats.merge(RunStats.from_dict(info["stats"]))
+        state.stats.merge_tiers(info.get("tiers"))
         if info["records"]:
             index = _read_parquet(out, f"index/{part}.parquet", ["key", "source_uri"])
             for key, uri in zip(index["key"].to_pylist(), index["source_uri"].to_pylist(), strict=True):
@@ -211,6 +212,7 @@ class PartWriter:
                 "records": len(self.index_rows),
                 "rejects": len(self.reject_rows),
                 "stats": self.part_stats.to_dict(),
+                "tiers": self.part_stats.tiers_dict(),
             }
             self.out.write_bytes(marker_path, json.dumps(marker, indent=1).encode())
             log.info("committed part %s: %d records, %d rejects", name, marker["records"], marker["rejects"])

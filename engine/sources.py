@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engine.input_text import encode_text, from_metadata
 from engine.storage import StorageError, filesystem_for, is_remote, local_path, scheme_of, split_uri, to_uri
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -55,6 +56,7 @@ LISTING_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("problem", pa.string()),
         ("siblings", pa.string()),
+        ("text", pa.string()),  # the input's own caption/conversation as JSON (engine/input_text.py)
     ]
 )
 
@@ -81,6 +83,7 @@ class SourceItem:
     size: int = -1
     problem: str = ""
     siblings: str = ""
+    text: str = ""
 
 
 def is_image_name(name: str) -> bool:
@@ -192,7 +195,11 @@ def list_folder(folder: Path, dataset: str) -> Iterator[SourceItem]:
         for name in sorted(files):
             if is_image_name(name):
                 path = os.path.join(root, name)
-                yield SourceItem(uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path))
+                caption = Path(path).with_suffix(".txt")  # alt text beside the image, if any
+                text = encode_text(caption.read_text(errors="replace")) if caption.is_file() else ""
+                yield SourceItem(
+                    uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path), text=text
+                )
 
 
 def list_prefix(uri: str, dataset: str) -> Iterator[SourceItem]:
@@ -377,7 +384,9 @@ def list_table(location: str, dataset: str) -> Iterator[SourceItem]:
     for row in rows:
         uri = str(row["uri"])
         path = _resolve_row(uri, location, name)
-        yield SourceItem(uri=uri, dataset=str(row.get("dataset") or dataset), path=path)
+        yield SourceItem(
+            uri=uri, dataset=str(row.get("dataset") or dataset), path=path, text=from_metadata(row)
+        )
 
 
 def list_coco(location: str, dataset: str) -> Iterator[SourceItem]:
@@ -389,6 +398,14 @@ def list_coco(location: str, dataset: str) -> Iterator[SourceItem]:
     except (OSError, ValueError) as exc:
         raise InputError(f"{_canonical(location)}: unreadable COCO json: {exc}") from exc
     images = sorted(data["images"], key=lambda im: im["id"])
+    captions: dict[int, str] = {}  # COCO captions files: annotations[].caption, first by id per image
+    for ann in sorted(data.get("annotations", []), key=lambda a: a.get("id", 0)):
+        if isinstance(ann.get("caption"), str):
+            captions.setdefault(ann["image_id"], ann["caption"])
+
+    def text_of(image: dict[str, Any]) -> str:
+        return encode_text(image.get("caption") or captions.get(image["id"]), image.get("conversations"))
+
     if not is_remote(location):
         base = Path(location).parent
         for image in images:
@@ -396,7 +413,9 @@ def list_coco(location: str, dataset: str) -> Iterator[SourceItem]:
             path = base / name
             if not path.exists() and (base / "images" / name).exists():
                 path = base / "images" / name
-            yield SourceItem(uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path))
+            yield SourceItem(
+                uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path), text=text_of(image)
+            )
         return
     # one listing of the json's prefix instead of one existence request per image
     scheme, base_path = scheme_of(location), posixpath.dirname(fs_path)
@@ -406,7 +425,9 @@ def list_coco(location: str, dataset: str) -> Iterator[SourceItem]:
         in_images = posixpath.normpath(posixpath.join(base_path, "images", image["file_name"]))
         if path not in present and in_images in present:
             path = in_images
-        yield SourceItem(uri=to_uri(scheme, path), dataset=dataset, path=to_uri(scheme, path))
+        yield SourceItem(
+            uri=to_uri(scheme, path), dataset=dataset, path=to_uri(scheme, path), text=text_of(image)
+        )
 
 
 def _list_one(location: str, dataset: str) -> Iterator[SourceItem]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.items import Item
+from schemas.tiers import TIERS, tier_counts, tier_drops
 
 
 def reason_kind(reason: str) -> str:
@@ -67,6 +68,8 @@ class RunStats:
 
     def __init__(self) -> None:
         self.stages: dict[str, StageStats] = {}
+        self.tiers: Counter = Counter({name: 0 for name in TIERS})  # regions written, per tier
+        self.tier_drops: dict[str, Counter] = {}  # per tier, why regions of written records lack it
 
     def stage(self, name: str) -> StageStats:
         return self.stages.setdefault(name, StageStats())
@@ -90,10 +93,28 @@ class RunStats:
             stats = self.stage(stage)
             stats.images_in += 1
             stats.rejected[reason_kind(reason)] += 1
+        elif item.ok and item.record is not None:
+            self.tiers.update(tier_counts(item.record))
+            for tier, reasons in tier_drops(item.record).items():
+                self.tier_drops.setdefault(tier, Counter()).update(reasons)
 
     def merge(self, other: RunStats) -> None:
         for name, stats in other.stages.items():
             self.stage(name).merge(stats)
+        self.merge_tiers(other.tiers_dict())
+
+    def tiers_dict(self) -> dict[str, Any]:
+        """`{tiers: {tier: regions}, tier_drops: {tier: {reason kind: regions}}}` of written records."""
+        drops = {t: dict(sorted(c.items())) for t, c in sorted(self.tier_drops.items())}
+        return {"tiers": {name: self.tiers[name] for name in TIERS}, "tier_drops": drops}
+
+    def merge_tiers(self, data: dict[str, Any] | None) -> None:
+        """Add a `tiers_dict()` (from a commit marker; absent in markers written before tiers existed)."""
+        if not data:
+            return
+        self.tiers.update(data.get("tiers", {}))
+        for tier, reasons in data.get("tier_drops", {}).items():
+            self.tier_drops.setdefault(tier, Counter()).update(reasons)
 
     def to_dict(self, order: Sequence[str] = ()) -> dict[str, Any]:
         """Stages in the job's `order`; stages it does not name (the sink's own checks) after them."""

@@ -92,7 +92,7 @@ def questions(
             )
     mixed = shown if mode == "mixed" else input_boxes(record, "mixed", max_boxes, seed)
     for region in record["regions"]:
-        if "referring" in tasks and shown.boxes:
+        if "referring" in tasks and shown.boxes and region.get("referring"):  # tiered records: maybe null
             items.append(
                 base
                 | {

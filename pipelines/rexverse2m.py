@@ -28,6 +28,7 @@ from engine.sources import InputError  # noqa: E402
 from engine.stage import RunContext, Stage  # noqa: E402
 from stages.box_rules import BoxRules  # noqa: E402
 from stages.caption import Caption  # noqa: E402
+from stages.collect import Collect  # noqa: E402
 from stages.decode import Decode  # noqa: E402
 from stages.filter import Filter  # noqa: E402
 from stages.grounding import Grounding  # noqa: E402
@@ -37,12 +38,14 @@ from stages.refine import Refine  # noqa: E402
 from stages.region_caption import RegionCaption  # noqa: E402
 from stages.segment import Segment  # noqa: E402
 
-# The paper's engine, in order (§4.1): read and validate, caption, noun phrases, open-vocabulary grounding,
+# The paper's engine, in order (§4.1): read and validate, the collection filters (NSFW, low content,
+# near-constant images; optional), caption, noun phrases, open-vocabulary grounding,
 # cheap box rules (before any model time is spent on junk boxes), phrase-conditioned region captions,
 # LLM verification and rewriting, the image-text filter, then class-agnostic proposals and SAM 2 masks
 # (both optional: `enabled` in their config).
 STAGES: list[type[Stage]] = [
     Decode,
+    Collect,
     Caption,
     Phrases,
     Grounding,
@@ -54,6 +57,16 @@ STAGES: list[type[Stage]] = [
     Segment,
 ]
 JobConfig = job_config(STAGES)
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None = None) -> EngineConfig:
+    """This job's config from YAML (+ `--set` overrides), validated against its stage list."""
+    return load_config(path, JobConfig, overrides)
+
+
+def run_job(cfg: EngineConfig, inputs: list[str], output: str | Path, **options: Any) -> Any:
+    """Run this job's stages (options as `engine.pipeline.run`: limit, overwrite, use_ray)."""
+    return run(cfg, STAGES, chain, inputs, output, **options)
 
 
 def chain(listing: Any, cfg: EngineConfig, context: RunContext) -> Any:
@@ -109,18 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cfg = load_config(args.config, JobConfig, args.overrides)
+        cfg = load_job_config(args.config, args.overrides)
         if args.quiet:
             cfg.ray.show_progress = False
-        run(
-            cfg,
-            STAGES,
-            chain,
-            args.input,
-            args.output,
-            limit=args.limit,
-            overwrite=args.overwrite,
-            use_ray=not args.no_ray,
+        run_job(
+            cfg, args.input, args.output, limit=args.limit, overwrite=args.overwrite, use_ray=not args.no_ray
         )
     except (ConfigError, InputError, OutputError, AccountingError) as exc:
         print(f"rexverse2m: error: {exc}", file=sys.stderr)

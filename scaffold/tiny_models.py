@@ -770,7 +770,31 @@ def _build_groundingdino_official(out: Path) -> None:
     torch.save({"model": model.state_dict()}, out / "groundingdino_tiny.pth")
 
 
+def _build_image_classifier(out: Path, labels: tuple[str, ...]) -> None:
+    """ViT image classifier (collection filters: NSFW, low-content) over `labels`, 64 px input."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        image_size=64,
+        patch_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    with _seeded():
+        torch.manual_seed(_SEED + sum(map(ord, labels[-1])))  # each classifier its own weights
+        model = ViTForImageClassification(config).eval()
+    model.save_pretrained(out)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
+    "nsfw": lambda out: _build_image_classifier(out, ("normal", "nsfw")),
+    "low-content": lambda out: _build_image_classifier(out, ("content", "low-content")),
     "qwen2-vl": _build_qwen2_vl,
     "grounding-dino": _build_grounding_dino,
     "qwen2-lm": _build_qwen2_lm,

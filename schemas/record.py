@@ -16,8 +16,9 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: proposals {box, score}, region masks (COCO RLE) with scores.mask
-SUPPORTED_VERSIONS = ("1.0", "1.1")  # 1.0 records are 1.1 records without proposals or masks
+SCHEMA_VERSION = "1.2"  # 1.2: region tiers (texts past category may be null), input captions, conversations
+SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2")  # 1.0/1.1 records are 1.2 records with every tier filled
+TIERED_VERSIONS = ("1.2",)  # versions whose regions may stop at a tier (text null)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -32,6 +33,7 @@ class Source:
 class Caption:
     text: str
     model: str = ""
+    input: str | None = None  # since 1.2: the input's own caption when `stages.caption.source: both`
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Phrase:
     start: int
     end: int
     head: str = ""
+    noun: str = ""  # since 1.2: the phrase without adjectives/numbers, head lemmatised ("lemon")
+    turn: int | None = None  # since 1.2: index of the conversation turn the span is in (None: the caption)
 
 
 @dataclass
@@ -49,9 +53,9 @@ class Region:
     score: float
     phrase: int
     category: str = ""
-    short_phrase: str = ""
-    description: str = ""
-    referring: str = ""
+    short_phrase: str | None = None
+    description: str | None = None
+    referring: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
     mask: dict[str, Any] | None = None
 
@@ -66,6 +70,15 @@ class GroundedSpan:
 
 @dataclass
 class GroundedCaption:
+    text: str
+    spans: list[GroundedSpan] = field(default_factory=list)
+
+
+@dataclass
+class ConversationTurn:
+    """One turn of an input conversation; `spans` point its grounded phrases at region ids (since 1.2)."""
+
+    role: str
     text: str
     spans: list[GroundedSpan] = field(default_factory=list)
 
@@ -88,6 +101,7 @@ class Record:
     phrases: list[Phrase] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
     grounded_caption: GroundedCaption | None = None
+    grounded_conversation: list[ConversationTurn] | None = None
     proposals: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -103,6 +117,7 @@ class Record:
         if errors:
             raise SchemaError("; ".join(errors))
         gc = data.get("grounded_caption")
+        conversation = data.get("grounded_conversation")
         return cls(
             key=data["key"],
             source=Source(**data["source"]),
@@ -115,6 +130,12 @@ class Record:
             grounded_caption=None
             if gc is None
             else GroundedCaption(text=gc["text"], spans=[GroundedSpan(**s) for s in gc["spans"]]),
+            grounded_conversation=None
+            if conversation is None
+            else [
+                ConversationTurn(t["role"], t["text"], [GroundedSpan(**s) for s in t.get("spans", [])])
+                for t in conversation
+            ],
             proposals=list(data.get("proposals", [])),
             dropped=[Dropped(**d) for d in data.get("dropped", [])],
             provenance=dict(data.get("provenance", {})),
@@ -173,10 +194,14 @@ def validate(data: dict[str, Any]) -> list[str]:
         return errors
     text = caption["text"]
     phrases = data.get("phrases", [])
-    errors += _validate_phrases(phrases, text)
+    conversation = data.get("grounded_conversation")
+    turns = [t.get("text", "") if isinstance(t, dict) else "" for t in conversation or []]
+    errors += _validate_phrases(phrases, text, turns)
     regions = data.get("regions", [])
-    errors += _validate_regions(regions, len(phrases), width, height)
+    tiered = data.get("schema_version") in TIERED_VERSIONS
+    errors += _validate_regions(regions, len(phrases), width, height, tiered)
     errors += _validate_grounded_caption(data.get("grounded_caption"), text, regions, len(phrases))
+    errors += _validate_conversation(conversation, regions, len(phrases))
     for i, prop in enumerate(data.get("proposals", [])):
         box = prop.get("box") if isinstance(prop, dict) else None
         problem = _box_problem(box, width, height)
@@ -190,17 +215,23 @@ def validate(data: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _validate_phrases(phrases: Any, text: str) -> list[str]:
+def _validate_phrases(phrases: Any, text: str, turns: list[str]) -> list[str]:
+    """Spans index into the caption, or into conversation turn `turn` when the phrase names one."""
     if not isinstance(phrases, list):
         return ["phrases must be a list"]
     errors = []
     for i, p in enumerate(phrases):
+        turn = p.get("turn")
+        if turn is not None and not (_is_int(turn) and 0 <= turn < len(turns)):
+            errors.append(f"phrases[{i}].turn {turn!r} is not a conversation turn index")
+            continue
+        source, where = (text, "caption") if turn is None else (turns[turn], f"turn {turn}")
         start, end = p.get("start"), p.get("end")
-        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= len(text)):
-            errors.append(f"phrases[{i}] span {start!r}:{end!r} is outside the caption")
-        elif text[start:end] != p.get("text"):
+        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= len(source)):
+            errors.append(f"phrases[{i}] span {start!r}:{end!r} is outside the {where}")
+        elif source[start:end] != p.get("text"):
             errors.append(
-                f"phrases[{i}].text {p.get('text')!r} != caption[{start}:{end}] {text[start:end]!r}"
+                f"phrases[{i}].text {p.get('text')!r} != {where}[{start}:{end}] {source[start:end]!r}"
             )
     return errors
 
@@ -215,9 +246,30 @@ def _box_problem(box: Any, width: int, height: int) -> str | None:
 
 
 REGION_TEXT_FIELDS = ("category", "short_phrase", "description", "referring")
+# A tier made from another's text needs that text: a referring expression is rewritten from the description.
+TIER_PARENTS = {"referring": "description"}
 
 
-def _validate_regions(regions: Any, n_phrases: int, width: int, height: int) -> list[str]:
+def _tier_errors(i: int, region: dict[str, Any], tiered: bool) -> list[str]:
+    """Before 1.2 every region carries all four texts; since 1.2 only `category` is required, the other
+    tiers are a non-empty string or null, and a nested tier needs its parent's text."""
+    errors = []
+    for name in REGION_TEXT_FIELDS:
+        value = region.get(name)
+        if tiered and name != "category":
+            if name not in region:
+                errors.append(f"regions[{i}].{name} must be present (null when the tier was not reached)")
+            elif value is not None and not _is_text(value):
+                errors.append(f"regions[{i}].{name} must be a non-empty string or null")
+        elif not _is_text(value):
+            errors.append(f"regions[{i}].{name} must be a non-empty string")
+    for child, parent in TIER_PARENTS.items():
+        if region.get(child) is not None and region.get(parent) is None:
+            errors.append(f"regions[{i}].{child} needs its {parent} (the tier it is made from)")
+    return errors
+
+
+def _validate_regions(regions: Any, n_phrases: int, width: int, height: int, tiered: bool) -> list[str]:
     if not isinstance(regions, list):
         return ["regions must be a list"]
     errors = []
@@ -235,9 +287,7 @@ def _validate_regions(regions: Any, n_phrases: int, width: int, height: int) -> 
         phrase = r.get("phrase")
         if not (_is_int(phrase) and 0 <= phrase < n_phrases):
             errors.append(f"regions[{i}].phrase {phrase!r} is not a phrase index")
-        for name in REGION_TEXT_FIELDS:
-            if not _is_text(r.get(name)):
-                errors.append(f"regions[{i}].{name} must be a non-empty string")
+        errors += _tier_errors(i, r, tiered)
         mask = r.get("mask")
         if mask is not None and not (isinstance(mask, dict) and _is_text(mask.get("counts"))):
             errors.append(f"regions[{i}].mask must be a COCO RLE {{size, counts}} or null")
@@ -262,6 +312,28 @@ def _validate_grounded_caption(gc: Any, text: str, regions: list, n_phrases: int
         missing = [rid for rid in s.get("regions", []) if rid not in ids]
         if missing or not s.get("regions"):
             errors.append(f"grounded_caption.spans[{i}] must point at existing regions, bad: {missing}")
+    return errors
+
+
+def _validate_conversation(turns: Any, regions: list, n_phrases: int) -> list[str]:
+    if turns is None:
+        return []
+    if not isinstance(turns, list):
+        return ["grounded_conversation must be a list of turns or null"]
+    ids = {r.get("id") for r in regions}
+    errors = []
+    for t, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and _is_text(turn.get("role")) and isinstance(turn.get("text"), str)):
+            errors.append(f"grounded_conversation[{t}] needs role and text")
+            continue
+        for i, s in enumerate(turn.get("spans", [])):
+            start, end = s.get("start"), s.get("end")
+            if not (_is_int(start) and _is_int(end) and 0 <= start < end <= len(turn["text"])):
+                errors.append(f"grounded_conversation[{t}].spans[{i}] is outside the turn's text")
+            if not (_is_int(s.get("phrase")) and 0 <= s["phrase"] < n_phrases):
+                errors.append(f"grounded_conversation[{t}].spans[{i}].phrase is not a phrase index")
+            if not s.get("regions") or any(rid not in ids for rid in s.get("regions", [])):
+                errors.append(f"grounded_conversation[{t}].spans[{i}] must point at existing regions")
     return errors
 
 
@@ -295,12 +367,14 @@ INDEX_SCHEMA = pa.schema(
         ("image_ext", pa.string()),
         ("caption", pa.string()),
         ("caption_model", pa.string()),
+        ("caption_input", pa.string()),
         ("phrases", pa.list_(_PHRASE_TYPE)),
         ("regions", pa.list_(_REGION_TYPE)),
         ("proposals", pa.list_(_PROPOSAL_TYPE)),
         ("num_regions", pa.int32()),
         ("num_proposals", pa.int32()),
         ("num_dropped", pa.int32()),
+        ("num_turns", pa.int32()),
     ]
 )
 
@@ -327,6 +401,7 @@ def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
         "image_ext": record["image_ext"],
         "caption": record["caption"]["text"],
         "caption_model": record["caption"].get("model", ""),
+        "caption_input": record["caption"].get("input"),
         "phrases": [{"text": p["text"], "start": p["start"], "end": p["end"]} for p in record["phrases"]],
         "regions": [
             {
@@ -335,9 +410,9 @@ def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
                 "score": float(r["score"]),
                 "phrase": r["phrase"],
                 "category": r["category"],
-                "short_phrase": r["short_phrase"],
-                "description": r["description"],
-                "referring": r["referring"],
+                "short_phrase": r.get("short_phrase"),
+                "description": r.get("description"),
+                "referring": r.get("referring"),
                 "has_mask": r.get("mask") is not None,
             }
             for r in record["regions"]
@@ -349,4 +424,5 @@ def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
         "num_regions": len(record["regions"]),
         "num_proposals": len(record.get("proposals", [])),
         "num_dropped": len(record.get("dropped", [])),
+        "num_turns": len(record.get("grounded_conversation") or []),
     }

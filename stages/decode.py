@@ -7,12 +7,14 @@ oversized, empty, not an image, truncated, decompression bomb, too small, duplic
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
 from engine.config import Resources, Strict
 from engine.images import DecodeLimits, ImageRejected, decode
+from engine.input_text import MAX_TEXT_BYTES, decode_text, sample_text
 from engine.items import Item, items_to_batch
 from engine.sources import LISTING_SCHEMA, ReadError, read_bytes
 from engine.stage import RunContext, Stage
@@ -105,7 +107,24 @@ class Decode(Stage):
             if owner is not None:
                 item.reject(NAME, f"duplicate: same bytes as {owner}")
             else:
-                self._decode(item, str(self._where[item.uri]["dataset"]))
+                self._decode(item, str(self._where[item.uri]["dataset"]), self._input_text(item.uri))
+
+    def _input_text(self, uri: str) -> str:
+        """The input's own caption/conversation: listed with it, or read here from its webdataset sample's
+        `.txt`/`.json` members (workers read bytes; the driver only noted where they are)."""
+        where = self._where[uri]
+        if where.get("text"):
+            return str(where["text"])
+        siblings = json.loads(where.get("siblings") or "{}")
+        members = {}
+        for ext in ("txt", "json"):
+            if ext in siblings and siblings[ext][1] <= MAX_TEXT_BYTES:
+                offset, size = siblings[ext]
+                try:
+                    members[ext] = read_bytes(str(where["path"]), offset, size, MAX_TEXT_BYTES)
+                except ReadError:
+                    continue  # an unreadable caption is no caption; the image itself was fine
+        return sample_text(members) if members else ""
 
     def _read(self, item: Item) -> None:
         where = self._where[item.uri]
@@ -123,13 +142,15 @@ class Decode(Stage):
         item.key = hashlib.sha256(data).hexdigest()
         item.image = data
 
-    def _decode(self, item: Item, dataset: str) -> None:
+    def _decode(self, item: Item, dataset: str, text: str = "") -> None:
         try:
             image = decode(item.image, self.limits)
         except ImageRejected as exc:
             item.reject(NAME, str(exc))
             return
         item.image = image.data
+        own = decode_text(text)  # the input's own caption / conversation (stages.caption.source uses it)
+        turns = own.get("conversation")
         item.record = {
             "key": item.key,
             "schema_version": SCHEMA_VERSION,
@@ -137,10 +158,11 @@ class Decode(Stage):
             "width": image.width,
             "height": image.height,
             "image_ext": image.ext,
-            "caption": {"text": "", "model": ""},
+            "caption": {"text": "", "model": "", "input": own.get("caption")},
             "phrases": [],
             "regions": [],
             "grounded_caption": None,
+            "grounded_conversation": [t | {"spans": []} for t in turns] if turns else None,
             "proposals": [],
             "dropped": [],
             "provenance": {NAME: {"reencoded": image.reencoded}},

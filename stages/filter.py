@@ -1,8 +1,9 @@
-"""Final filter: image-text agreement of each region with its referring expression, then the grounded caption.
+"""Final filter: image-text agreement of each referring expression with its region, then the grounded caption.
 
 A SigLIP (or CLIP) model scores the region crop (with a little context) against the referring expression;
-regions under `score_threshold` are dropped. Survivors are linked back to the caption: each grounded
-phrase span points at its region ids. An image left with no region is rejected with the reason.
+below `score_threshold` only the referring tier is stripped (the region keeps its category and other
+texts). Regions are linked back to the caption (and to the conversation turns, when the input had one):
+each grounded phrase span points at its region ids.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
 from engine.models import load_model, load_processor
+from schemas.tiers import strip_tier
 from stages.base import Stage
 
 
@@ -46,9 +48,23 @@ def grounded_caption(record: dict[str, Any]) -> dict[str, Any]:
     spans = [
         {"start": p["start"], "end": p["end"], "phrase": index, "regions": sorted(by_phrase[index])}
         for index, p in enumerate(record["phrases"])
-        if index in by_phrase
+        if index in by_phrase and p.get("turn") is None
     ]
     return {"text": record["caption"]["text"], "spans": spans}
+
+
+def ground_conversation(record: dict[str, Any]) -> None:
+    """Point each conversation turn's phrase spans at the regions grounded from that phrase (in place);
+    spans whose phrase kept no region are removed."""
+    by_phrase: dict[int, list[int]] = {}
+    for region in record["regions"]:
+        by_phrase.setdefault(region["phrase"], []).append(region["id"])
+    for turn in record.get("grounded_conversation") or []:
+        turn["spans"] = [
+            span | {"regions": sorted(by_phrase[span["phrase"]])}
+            for span in turn.get("spans", [])
+            if span["phrase"] in by_phrase
+        ]
 
 
 class ImageTextScorer:
@@ -84,28 +100,21 @@ class Filter(Stage):
     def process(self, items: list[Item]) -> None:
         pairs = []
         for item in items:
-            image = load_rgb(item.image)
-            pairs += [
-                (region, context_crop(image, region["box"], self.cfg.crop_context))
-                for region in item.record["regions"]
-            ]
+            regions = [r for r in item.record["regions"] if r.get("referring")]
+            if regions:
+                image = load_rgb(item.image)
+                pairs += [(item, r, context_crop(image, r["box"], self.cfg.crop_context)) for r in regions]
         step = self.cfg.regions_per_call
         for start in range(0, len(pairs), step):
             chunk = pairs[start : start + step]
-            scores = self.scorer([crop for _, crop in chunk], [region["referring"] for region, _ in chunk])
-            for (region, _), score in zip(chunk, scores, strict=True):
+            scores = self.scorer(
+                [crop for *_, crop in chunk], [region["referring"] for _, region, _ in chunk]
+            )
+            for (item, region, _), score in zip(chunk, scores, strict=True):
                 region.setdefault("scores", {})["image_text"] = round(score, 4)
-        for item in items:
-            kept = []
-            for region in item.record["regions"]:
-                score = region["scores"]["image_text"]
-                if score >= self.cfg.score_threshold:
-                    kept.append(region)
-                else:
+                if score < self.cfg.score_threshold:
                     reason = f"low image-text score: {score:.3f} < {self.cfg.score_threshold}"
-                    item.drop(self.name, f"region {region['id']}", reason)
-            item.record["regions"] = kept
-            if not kept:
-                item.reject(self.name, "no region left after filtering")
-            else:
-                item.record["grounded_caption"] = grounded_caption(item.record)
+                    strip_tier(item.record, region, "referring", self.name, reason)
+        for item in items:
+            item.record["grounded_caption"] = grounded_caption(item.record)
+            ground_conversation(item.record)

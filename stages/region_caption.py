@@ -1,7 +1,8 @@
 """Phrase-conditioned one-sentence description of each region.
 
 The VLM sees the whole image with the region outlined and is told the box coordinates and the phrase the
-box was grounded from: a bare crop loses context and invites hallucination (design §1).
+box was grounded from: a bare crop loses context and invites hallucination (design §1). A region whose
+answer is unusable keeps its category tier: only its description (and the tiers made from it) is null.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field
 from engine.config import GenerationConfig, ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
+from schemas.tiers import empty_tiers, strip_tier
 from stages.base import Stage
 from stages.text import first_sentence
 from stages.vlm import ChatVLM
@@ -99,14 +101,9 @@ class RegionCaption(Stage):
             images = [self._shown(item, region, image) for item, region, image, _ in chunk]
             answers = self.vlm.generate(images, [prompt for *_, prompt in chunk])
             for (_, region, _, _), answer in zip(chunk, answers, strict=True):
-                region["description"] = first_sentence(answer, self.cfg.max_words)
+                region["description"] = first_sentence(answer, self.cfg.max_words) or None
         for item in items:
-            kept = []
             for region in item.record["regions"]:
-                if region.get("description"):
-                    kept.append(region)
-                else:
-                    item.drop(self.name, f"region {region['id']}", "no usable description")
-            item.record["regions"] = kept
-            if not kept:
-                item.reject(self.name, "no region got a description")
+                empty_tiers(region)
+                if not region.get("description"):
+                    strip_tier(item.record, region, "description", self.name, "no usable description")

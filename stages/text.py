@@ -70,14 +70,24 @@ def parse_short_phrase(text: str, max_words: int) -> str:
     return " ".join(words) if any(ch.isalpha() for ch in "".join(words)) else ""
 
 
-def parse_referring(text: str, min_words: int, max_words: int) -> str:
-    """A referring expression: one clause, no commas, `min_words`..`max_words` words, else ""."""
+def check_referring(text: str, min_words: int, max_words: int) -> tuple[str, str]:
+    """(expression, "") if the generation is a referring expression within the rules, else ("", reason).
+
+    The rules (paper §4.1): one clause of `min_words`..`max_words` whitespace-separated words and no commas.
+    An answer outside them is rejected with the reason (the caller may retry once with it), never cut or
+    padded into range: a truncated expression may no longer single out its object.
+    """
     line = clean_generation(text)
     match = _SENTENCE_END.search(line)
-    line = line[: match.start()] if match else line
-    line = line.replace(",", " ").replace(";", " ").strip(" .!?:-")
-    words = line.split()[:max_words]
-    if len(words) < min_words or not any(ch.isalpha() for ch in "".join(words)):
-        return ""
+    line = (line[: match.start()] if match else line).strip(" .!?:-")
+    if not any(ch.isalpha() for ch in line):
+        return "", "no words: the answer is empty"
+    if "," in line or ";" in line:
+        return "", "has a comma: an expression is one clause"
+    words = line.split()
+    if len(words) < min_words:
+        return "", f"too few words: {len(words)} < {min_words}"
+    if len(words) > max_words:
+        return "", f"too many words: {len(words)} > {max_words}"
     first = words[0] if words[0].isupper() else words[0][0].lower() + words[0][1:]  # keep acronyms
-    return " ".join([first, *words[1:]])
+    return " ".join([first, *words[1:]]), ""

@@ -73,7 +73,7 @@ def test_fused_groups_must_be_consecutive_known_stages_and_take_the_largest_reso
 
     cfg = load_config(FIXTURE, ["ray.fuse=[[caption, phrases], [refine, filter]]"])
     groups = [[stage.name for stage, _ in group] for group in stage_groups(STAGES, cfg)]
-    assert groups[:3] == [["decode"], ["caption", "phrases"], ["grounding"]]
+    assert groups[:4] == [["decode"], ["collect"], ["caption", "phrases"], ["grounding"]]
     assert ["refine", "filter"] in groups and sum(len(g) for g in groups) == len(STAGES)
     real = load_config("configs/rexverse2m.yaml")
     first = stage_groups(STAGES, real)[1]

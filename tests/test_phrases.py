@@ -56,3 +56,33 @@ def test_stage_rejects_captions_without_visual_phrase():
     assert good.ok and [p["text"] for p in good.record["phrases"]] == ["red car", "road"]
     assert not empty.ok and empty.error_stage == "phrases"
     assert good.trace["phrases"]["out"] == 2
+
+
+def test_noun_drops_adjectives_and_numbers_and_keeps_compounds(nlp):
+    caption = "Two green lemons lie beside three red traffic lights."
+    phrases, _ = extract(nlp, caption)
+    nouns = {p["text"]: p["noun"] for p in phrases}
+    assert nouns["Two green lemons"] == "lemon"
+    assert nouns["three red traffic lights"] == "traffic light"
+    assert all(p["turn"] is None for p in phrases)
+
+
+def test_conversation_answer_turns_reuse_known_phrases_and_add_new_ones():
+    from engine.items import Item
+
+    stage = Phrases(PhrasesConfig(abstract_nouns=sorted(ABSTRACT)))
+    turns = [
+        {"role": "human", "text": "What is next to the dog?", "spans": []},
+        {"role": "gpt", "text": "A red ball lies next to the dog and a wooden chair.", "spans": []},
+    ]
+    record = {"caption": {"text": "A dog and a red ball."}, "grounded_conversation": turns, "dropped": []}
+    item = Item(key="c" * 64, uri="/x.jpg", image=b"", record=record)
+    stage.run([item])
+    texts = [(p["text"], p["turn"]) for p in record["phrases"]]
+    assert texts[:2] == [("dog", None), ("red ball", None)]
+    assert ("wooden chair", 1) in texts  # new phrase from the answer turn, spans index into that turn
+    chair = next(p for p in record["phrases"] if p["text"] == "wooden chair")
+    assert turns[1]["text"][chair["start"] : chair["end"]] == "wooden chair"
+    spans = turns[1]["spans"]
+    assert [record["phrases"][s["phrase"]]["text"] for s in spans] == ["red ball", "dog", "wooden chair"]
+    assert turns[0]["spans"] == []  # questions are not grounded

@@ -13,15 +13,15 @@ def valid_record() -> dict:
     caption = "A red ball next to a blue box."
     return {
         "key": KEY,
-        "schema_version": "1.1",
+        "schema_version": "1.2",
         "source": {"uri": "/data/x.jpg", "dataset": "t"},
         "width": 100,
         "height": 80,
         "image_ext": "jpg",
-        "caption": {"text": caption, "model": "m"},
+        "caption": {"text": caption, "model": "m", "input": None},
         "phrases": [
-            {"text": "red ball", "start": 2, "end": 10, "head": "ball"},
-            {"text": "blue box", "start": 21, "end": 29, "head": "box"},
+            {"text": "red ball", "start": 2, "end": 10, "head": "ball", "noun": "ball", "turn": None},
+            {"text": "blue box", "start": 21, "end": 29, "head": "box", "noun": "box", "turn": None},
         ],
         "regions": [
             {
@@ -56,6 +56,7 @@ def valid_record() -> dict:
                 {"start": 21, "end": 29, "phrase": 1, "regions": [3]},
             ],
         },
+        "grounded_conversation": None,
         "proposals": [],
         "dropped": [{"stage": "refine", "what": "region 1", "reason": "description mismatch: p=0.1"}],
         "provenance": {},
@@ -80,7 +81,9 @@ def test_valid_record_passes_and_round_trips_through_typed_objects():
         (lambda r: r["regions"][0].update(box=[1, 2, 150, 60]), "outside the 100x80 image"),
         (lambda r: r["regions"][0].update(box=[10, 2, 5, 60]), "empty or outside"),
         (lambda r: r["regions"][0].update(box=[1, 2, float("nan"), 60]), "finite numbers"),
-        (lambda r: r["regions"][0].update(referring=""), "referring must be a non-empty"),
+        (lambda r: r["regions"][0].update(referring=""), "referring must be a non-empty string or null"),
+        (lambda r: r["regions"][0].pop("short_phrase"), "short_phrase must be present"),
+        (lambda r: r["regions"][0].update(description=None), "referring needs its description"),
         (lambda r: r["regions"][1].update(category=" "), "category must be a non-empty"),
         (lambda r: r["regions"][1].update(id=0), "unique int"),
         (lambda r: r["regions"][0].update(phrase=7), "not a phrase index"),
@@ -114,3 +117,41 @@ def test_version_1_0_records_still_read():
     record["schema_version"] = "1.0"
     assert validate(record) == []
     assert Record.from_dict(record).schema_version == "1.0"
+
+
+def test_tiers_may_stop_after_category_in_1_2():
+    record = valid_record()
+    record["regions"][1].update(short_phrase=None, description=None, referring=None)
+    record["regions"][0].update(referring=None)
+    assert validate(record) == []
+    assert Record.from_dict(record).regions[1].description is None
+
+
+def test_records_before_1_2_still_need_every_tier():
+    record = valid_record()
+    for old in ("1.0", "1.1"):
+        record["schema_version"] = old
+        assert validate(record) == []  # old records still read
+        broken = copy.deepcopy(record)
+        broken["regions"][1]["referring"] = None
+        assert any("referring must be a non-empty string" in e for e in validate(broken))
+
+
+def test_conversation_phrases_index_into_their_turn_and_spans_point_at_regions():
+    record = valid_record()
+    turn = "There is a red ball and a green cone."
+    record["grounded_conversation"] = [
+        {"role": "human", "text": "What is there?", "spans": []},
+        {"role": "gpt", "text": turn, "spans": [{"start": 11, "end": 19, "phrase": 0, "regions": [0]}]},
+    ]
+    record["phrases"].append(
+        {"text": "green cone", "start": 26, "end": 36, "head": "cone", "noun": "cone", "turn": 1}
+    )
+    assert validate(record) == []
+    assert Record.from_dict(record).to_dict() == record
+    bad = copy.deepcopy(record)
+    bad["phrases"][2]["turn"] = 5
+    assert any("not a conversation turn" in e for e in validate(bad))
+    bad = copy.deepcopy(record)
+    bad["grounded_conversation"][1]["spans"][0]["regions"] = [9]
+    assert any("must point at existing regions" in e for e in validate(bad))

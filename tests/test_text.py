@@ -1,6 +1,6 @@
 """Parsing of free model generations into record fields (refine/caption parsing)."""
 
-from stages.text import clean_generation, first_sentence, parse_category, parse_referring, parse_short_phrase
+from stages.text import check_referring, clean_generation, first_sentence, parse_category, parse_short_phrase
 
 
 def test_clean_generation_takes_first_line_and_strips_labels_and_quotes():
@@ -30,12 +30,18 @@ def test_parse_short_phrase():
     assert parse_short_phrase("(none)", 4) == ""
 
 
-def test_parse_referring_removes_commas_and_bounds_words():
-    assert parse_referring("The dog, sitting on the left, near a tree.", 3, 10) == (
-        "the dog sitting on the left near a tree"
+def test_referring_is_checked_against_the_rules_and_never_truncated():
+    assert check_referring("The dog sitting on the left near a tree.", 5, 10) == (
+        "the dog sitting on the left near a tree",
+        "",
     )
-    assert parse_referring("Man in red", 5, 10) == ""  # too short
-    words = " ".join(f"w{i}" for i in range(20))
-    assert len(parse_referring(words, 3, 10).split()) == 10
-    assert "," not in parse_referring("a, b, c, d, e", 1, 10)
-    assert parse_referring("TV on the wall", 3, 10) == "TV on the wall"  # acronyms keep their case
+    assert check_referring("The dog, sitting on the left", 5, 10) == (
+        "",
+        "has a comma: an expression is one clause",
+    )
+    assert check_referring("Man in red", 5, 10) == ("", "too few words: 3 < 5")
+    words = " ".join(f"w{i}" for i in range(11))
+    assert check_referring(words, 5, 10) == ("", "too many words: 11 > 10")  # rejected, not cut to 10
+    assert check_referring(" ".join(f"w{i}" for i in range(10)), 5, 10)[0].split()[-1] == "w9"
+    assert check_referring("TV on the wall to the left", 5, 10)[0] == "TV on the wall to the left"  # acronym
+    assert check_referring("...", 5, 10)[1].startswith("no words")

@@ -1,0 +1,62 @@
+"""Collection filters: near-constant images by pixel statistics, NSFW / low-content classifiers."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.items import Item
+from stages.collect import Collect, CollectConfig, pixel_std
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def noisy(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+
+
+def items(images: list[Image.Image]) -> list[Item]:
+    return [Item(key=f"{i:064x}", uri=f"/{i}.jpg", image=jpeg(im), record={}) for i, im in enumerate(images)]
+
+
+def test_pixel_std_separates_constant_from_content_even_at_equal_luminance():
+    assert pixel_std(Image.new("RGB", (50, 40), (200, 30, 30)), 64) < 1.0
+    shape = Image.new("RGB", (64, 64), (128, 128, 128))
+    shape.paste((160, 120, 40), (16, 16, 48, 48))  # about the same grey level as the background
+    assert pixel_std(shape, 64) > 10
+
+
+def test_near_constant_images_are_rejected_without_loading_any_model():
+    stage = Collect(CollectConfig(enabled=True, min_pixel_std=2.0))
+    batch = items([Image.new("RGB", (80, 60), "white"), noisy(0)])
+    stage.run(batch)
+    assert batch[0].error_stage == "collect" and batch[0].error_reason.startswith("near-constant image")
+    assert batch[1].ok
+
+
+@pytest.mark.parametrize("check", ["nsfw", "low_content"])
+def test_classifier_thresholds_reject_with_the_score_in_the_reason(check):
+    label = {"nsfw": "nsfw", "low_content": "low-content"}[check]
+    model = {"model": {"name": f"tiny:{label}"}}
+    strict = Collect(CollectConfig(enabled=True, **{check: model | {"threshold": 0.0}}))
+    batch = items([noisy(1), noisy(2)])
+    strict.run(batch)
+    assert all(i.error_reason.startswith(f"{label}: p=") for i in batch)
+    lenient = Collect(CollectConfig(enabled=True, **{check: model | {"threshold": 1.0}}))
+    batch = items([noisy(1), noisy(2)])
+    lenient.run(batch)
+    assert all(i.ok for i in batch)
+
+
+def test_unknown_reject_label_is_a_config_error_naming_the_labels():
+    cfg = CollectConfig(enabled=True, nsfw={"model": {"name": "tiny:nsfw"}, "reject_labels": ["porn"]})
+    with pytest.raises(ValueError, match="normal"):
+        Collect(cfg)
