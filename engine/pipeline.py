@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from engine.sources import SourceItem, list_inputs, listing_table
 from engine.stage import RunContext, Stage, StageGroup
 from engine.stats import RunStats, format_table
 from engine.storage import Folder
+from engine.version import code_version
 from schemas import SCHEMA_VERSION
 
 log = logging.getLogger("rexverse.pipeline")
@@ -75,28 +75,6 @@ def prepare_output(out: Folder, cfg: EngineConfig, overwrite: bool) -> None:
                 "--overwrite to start over, or choose a new --output"
             )
     out.mkdirs()
-
-
-def code_version() -> str:
-    """Package version plus git commit when run from a checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = version("rexverse")
-    except PackageNotFoundError:
-        text = "unknown"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{text}+{commit}" if commit else text
 
 
 # --- executors -------------------------------------------------------------------------------------------

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.storage import Folder
+from engine.version import code_version
 from release import card, gallery
 from release.canonical import dumps
 from release.diff import release_diff
@@ -70,25 +69,6 @@ class Result:
     records: int
     duplicates: int
     files: dict[str, int]  # relative path -> size in bytes
-
-
-def code_version() -> str:
-    """Package version plus the git commit of this checkout (recorded; builds of one commit match)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = version("rexverse")
-    except PackageNotFoundError:
-        text = "unknown"
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=Path(__file__).parent,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    return f"{text}+git.{done.stdout.strip()}" if done.returncode == 0 and done.stdout.strip() else text
 
 
 def fingerprint(opts: Options, outputs: list[EngineOutput], code: str) -> str:
