@@ -4,6 +4,8 @@ and a stage actor killed mid-run. Every input must end as exactly one record or 
 
 import json
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -43,44 +45,57 @@ def run_driver(env: dict[str, str], args: list[str]) -> subprocess.Popen:
     )
 
 
-def kill_stage_actor(stage: str) -> int | None:
-    """SIGKILL one actor process of a stage (Ray titles them `ray::MapWorker(MapBatches(Stage))`)."""
-    import signal
-
+def kill_stage_actor(stage: str, session: int) -> int | None:
+    """SIGKILL one actor process of a stage (Ray titles them `ray::MapWorker(MapBatches(Stage))`) among the
+    processes of the cluster's session."""
     import psutil
 
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(f"MapBatches({stage})" in part for part in proc.info["cmdline"] or []):
+        try:
+            ours = os.getsid(proc.info["pid"]) == session
+        except OSError:
+            continue
+        if ours and any(f"MapBatches({stage})" in part for part in proc.info["cmdline"] or []):
             os.kill(proc.info["pid"], signal.SIGKILL)
             return proc.info["pid"]
     return None
 
 
 @pytest.fixture
-def cluster(engine_env, s3_env, monkeypatch):
-    """Head + two worker nodes on loopback, one CPU each (recipe: shared/notes/facts.md); the nodes inherit
-    the S3 endpoint and credentials from this process's environment (set by `s3_env` first)."""
-    import ray
-    from ray.cluster_utils import Cluster
+def cluster(engine_env, s3_env):
+    """Head + two worker nodes on loopback, one CPU each (recipe: shared/notes/facts.md), in a process of
+    their own; yields (its stdin/stdout handle, the environment a driver needs to join it).
 
-    monkeypatch.setenv("REXVERSE_CACHE", engine_env["REXVERSE_CACHE"])  # the nodes' workers find tiny models
-    monkeypatch.setenv("PYTHONPATH", engine_env["PYTHONPATH"])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address, namespace="rexverse-test")
+    Token auth stays on, with a token of this test's own (not a file that another Ray on the machine may
+    rewrite). The nodes get the S3 endpoint and credentials and find the session's tiny models.
+    """
+    env = {**engine_env, **s3_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "cluster_node.py")],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        yield cluster, workers
+        line = proc.stdout.readline()
+        assert line.startswith("address "), f"the cluster did not start: {line!r}"
+        yield proc, {**env, "RAY_ADDRESS": line.split()[1]}
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, engine_env, s3_env, s3_bucket):
-    cluster_obj, workers = cluster
+def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, s3_bucket):
+    nodes, env = cluster
     fs, _ = pafs.FileSystem.from_uri(f"s3://{s3_bucket}")
     names = upload_fixture(fs, f"{s3_bucket}/in", N_IMAGES)
     out = f"{s3_bucket}/out"
-    env = {**engine_env, **s3_env, "RAY_ADDRESS": cluster_obj.address}
     args = ["--input", f"s3://{s3_bucket}/in", "--output", f"s3://{out}", "--set", "sink.shard_size=4"]
 
     driver = run_driver(env, args)
@@ -93,8 +108,10 @@ def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, engi
         assert time.time() < deadline, "no commit within 600 s"
         time.sleep(0.2)
     parts_at_kill = len(committed_parts(fs, out))
-    cluster_obj.remove_node(workers[0], allow_graceful=False)  # a worker node dies mid-run
-    killed_actor = kill_stage_actor("StageGroup")  # and a stage actor (a fused group) crashes
+    nodes.stdin.write("kill-worker\n")  # a worker node dies mid-run
+    nodes.stdin.flush()
+    assert nodes.stdout.readline().strip() == "killed"
+    killed_actor = kill_stage_actor("StageGroup", nodes.pid)  # and a stage actor (a fused group) crashes
     assert driver.poll() is None, "the run ended before the kills; nothing was tested"
     finished = driver.wait(timeout=600)
     reader.join(timeout=10)
