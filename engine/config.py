@@ -148,10 +148,13 @@ class FilterConfig(Strict):
 
 
 class ProposalsConfig(Strict):
-    """Class-agnostic boxes for ChatRex: OWLv2 objectness, or the grounding detector with a generic prompt."""
+    """Class-agnostic boxes for ChatRex: OWLv2 objectness, the grounding detector with a generic prompt, or
+    UPN (the paper's proposal network, `upn/`) at a granularity: coarse (objects), fine (parts, small
+    objects) or both."""
 
     enabled: bool = False
-    backend: Literal["owlv2", "grounding"] = "owlv2"
+    backend: Literal["owlv2", "grounding", "upn"] = "owlv2"
+    granularity: Literal["coarse", "fine", "both"] = "coarse"  # for backend: upn
     detector_backend: Literal["transformers", "groundingdino-py"] = "transformers"  # for backend: grounding
     model: ModelRef | None = None
     query: str = "an object"
