@@ -15,7 +15,6 @@ The last line reads `AR@100=<a> R@0.5=<r> prior_AR@100=<pa> prior_R@0.5=<p> owlv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -161,8 +160,8 @@ def main() -> int:
     fine = eval_upn.summary_line(metrics, "fine")
     print(f"fine granularity: {fine}")
     print(
-        f"training: {args.steps} steps, batch {args.batch_size}, {args.image_size} px, {train_minutes:.1f} min on "
-        f"{args.threads} CPU thread(s); total {(time.time() - t0) / 60:.1f} min; "
+        f"training: {args.steps} steps, batch {args.batch_size}, {args.image_size} px, "
+        f"{train_minutes:.1f} min on {args.threads} CPU thread(s); total {(time.time() - t0) / 60:.1f} min; "
         f"COCO-results proposals: {args.work / 'eval'}/proposals_coarse.json",
         flush=True,
     )
