@@ -9,7 +9,7 @@ many training boxes they cover: the best trivial proposer) and OWLv2 objectness,
 stand-in, here a random OWLv2 with 100 patch boxes (a floor: no pretrained OWLv2 can be downloaded here).
 The last line reads `AR@100=<a> R@0.5=<r> prior_AR@100=<pa> prior_R@0.5=<p> owlv2_R@0.5=<o>` (coarse).
 
-    python bench/upn_learns.py [--train-scenes 2000] [--steps 1500] [--threads 1] [--work DIR]
+    python bench/upn_learns.py [--train-scenes 1500] [--steps 800] [--threads 1] [--work DIR]
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/upn-bench"))
-    parser.add_argument("--train-scenes", type=int, default=2000)
+    parser.add_argument("--train-scenes", type=int, default=1500)
     parser.add_argument("--test-scenes", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--image-size", type=int, default=192)
@@ -112,30 +112,39 @@ def main() -> int:
 
     init = build_small_upn(args.work / "init", args.image_size)
     t1 = time.time()
-    train_upn.main(
-        [
-            "--model",
-            str(init),
-            "--shards",
-            str(args.work / "train-shards"),
-            "--output",
-            str(args.work / "train"),
-            "--steps",
-            str(args.steps),
-            "--batch-size",
-            str(args.batch_size),
-            "--lr",
-            str(args.lr),
-            "--warmup",
-            "50",
-            "--threads",
-            str(args.threads),
-            "--log-every",
-            "50",
-            "--checkpoint-every",
-            "500",
-        ]
-    )
+    # The machine may be shared: a Ray instance killed from outside ends the run; rerunning the training
+    # command resumes from its latest checkpoint (that is what the pipeline's resume is for).
+    for attempt in range(1, 4):
+        try:
+            train_upn.main(
+                [
+                    "--model",
+                    str(init),
+                    "--shards",
+                    str(args.work / "train-shards"),
+                    "--output",
+                    str(args.work / "train"),
+                    "--steps",
+                    str(args.steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--lr",
+                    str(args.lr),
+                    "--warmup",
+                    "50",
+                    "--threads",
+                    str(args.threads),
+                    "--log-every",
+                    "50",
+                    "--checkpoint-every",
+                    "200",
+                ]
+            )
+            break
+        except Exception as exc:  # noqa: BLE001 - any Ray failure: resume, at most three attempts
+            if attempt == 3:
+                raise
+            print(f"training attempt {attempt} failed ({type(exc).__name__}: {exc}); resuming", flush=True)
     train_minutes = (time.time() - t1) / 60
     owlv2 = build_owlv2_100(args.work / "owlv2-100")
     metrics = eval_upn.evaluate(

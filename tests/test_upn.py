@@ -169,3 +169,16 @@ def test_eval_predictions_never_see_the_annotations(tmp_path):
     b = upn_predictions(model, blind, FIXTURE, ["coarse"], 10, 0.8, 2)
     assert a == b and len(a["coarse"]) == 20
     assert {d["category_id"] for d in a["coarse"]} == {1}
+
+
+def test_coco_results_export_reads_back_as_proposals(tmp_path):
+    """eval_upn's proposals file is COCO results that `chatrex.coco.load_proposals` (and so ChatRex
+    training/eval via --proposals) reads back as xyxy boxes."""
+    from chatrex.coco import load_proposals
+    from pipelines.eval_upn import coco_results
+
+    results = coco_results(7, np.array([[10.0, 20.0, 50.0, 80.0]]), np.array([0.75]))
+    assert results == [{"image_id": 7, "bbox": [10.0, 20.0, 40.0, 60.0], "score": 0.75, "category_id": 1}]
+    path = tmp_path / "proposals_coarse.json"
+    path.write_text(json.dumps(results))
+    assert load_proposals(path) == {7: [{"box": [10.0, 20.0, 50.0, 80.0], "score": 0.75}]}
