@@ -20,6 +20,7 @@ What callers can rely on (the tests check each):
 - groundingdino-official (`groundingdino-py`): SLConfig `GroundingDINO_tiny.py`, `groundingdino_tiny.pth`
   (float16 weights under "model") and the text encoder in `bert/`; 30 queries. Load it with
   `stages.backends.groundingdino_py`, which knows the config's `rexverse_swin` sizes.
+- upn: ChatRex's proposal network (`upn/tiny.py`), 128 px input, 50 queries, fine and coarse prompts.
 Weights are random: scores and boxes mean nothing, only shapes, dtypes and code paths do.
 """
 
@@ -53,6 +54,7 @@ _REPO = Path(__file__).resolve().parents[1]
 _EXTRA_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sam2-official": (("sam2",), ()),
     "groundingdino-official": (("groundingdino-py",), ("stages/backends/groundingdino_py.py",)),
+    "upn": ((), ("upn/tiny.py", "upn/configuration_upn.py", "upn/modeling_upn.py")),
 }
 _SEED = 0
 # Model init draws from torch's global RNG: two threads building at once would interleave their draws.
@@ -792,6 +794,13 @@ def _build_image_classifier(out: Path, labels: tuple[str, ...]) -> None:
     ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
 
 
+def _build_upn(out: Path) -> None:
+    """UPN (ChatRex's proposal network), built by `upn/tiny.py`."""
+    from upn.tiny import build_tiny_upn
+
+    build_tiny_upn(out)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "nsfw": lambda out: _build_image_classifier(out, ("normal", "nsfw")),
     "low-content": lambda out: _build_image_classifier(out, ("content", "low-content")),
@@ -804,6 +813,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "sam2": _build_sam2,
     "sam2-official": _build_sam2_official,
     "groundingdino-official": _build_groundingdino_official,
+    "upn": _build_upn,
 }
 
 

@@ -19,6 +19,8 @@ import pyarrow as pa
 SCHEMA_VERSION = "1.2"  # 1.2: region tiers (texts past category may be null), input captions, conversations
 SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2")  # 1.0/1.1 records are 1.2 records with every tier filled
 TIERED_VERSIONS = ("1.2",)  # versions whose regions may stop at a tier (text null)
+# optional per proposal (UPN's prompt that proposed it); absent/None for proposers without granularity
+PROPOSAL_GRANULARITIES = (None, "coarse", "fine")
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -209,6 +211,8 @@ def validate(data: dict[str, Any]) -> list[str]:
             errors.append(f"proposals[{i}].box {problem}")
         elif not _is_number(prop.get("score")):
             errors.append(f"proposals[{i}].score must be a finite number")
+        elif prop.get("granularity") not in PROPOSAL_GRANULARITIES:
+            errors.append(f"proposals[{i}].granularity must be one of {PROPOSAL_GRANULARITIES}")
     for i, drop in enumerate(data.get("dropped", [])):
         if not (isinstance(drop, dict) and _is_text(drop.get("stage")) and _is_text(drop.get("reason"))):
             errors.append(f"dropped[{i}] needs stage and reason")
@@ -353,7 +357,9 @@ _REGION_TYPE = pa.struct(
     ]
 )
 _PHRASE_TYPE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
-_PROPOSAL_TYPE = pa.struct([("box", pa.list_(pa.float32(), 4)), ("score", pa.float32())])
+_PROPOSAL_TYPE = pa.struct(
+    [("box", pa.list_(pa.float32(), 4)), ("score", pa.float32()), ("granularity", pa.string())]
+)
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -418,7 +424,11 @@ def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
             for r in record["regions"]
         ],
         "proposals": [
-            {"box": [float(v) for v in p["box"]], "score": float(p["score"])}
+            {
+                "box": [float(v) for v in p["box"]],
+                "score": float(p["score"]),
+                "granularity": p.get("granularity"),
+            }
             for p in record.get("proposals", [])
         ],
         "num_regions": len(record["regions"]),

@@ -1,8 +1,10 @@
 """Class-agnostic proposal boxes per image, the candidates ChatRex picks indices from.
 
-The paper trains its own proposal network; we use an open model: OWLv2's objectness head (transformers,
-default), or the grounding detector prompted with a generic query. Boxes pass a score threshold, NMS, a
-minimum size and a cap, and are stored in the record's `proposals` as {box, score}, best first.
+The paper trains its own proposal network, UPN: `backend: upn` runs this project's implementation (`upn/`,
+`stages/backends/upn.py`) at `granularity` coarse, fine or both. Open stand-ins: OWLv2's objectness head
+(transformers, default), or the grounding detector prompted with a generic query. Boxes pass a score
+threshold, NMS, a minimum size and a cap, and are stored in the record's `proposals` as {box, score}, best
+first; UPN's also carry their `granularity`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from stages.grounding import make_detector
 
 
 class ProposalsConfig(Strict):
-    """Class-agnostic boxes for ChatRex: OWLv2 objectness, or the grounding detector with a generic prompt."""
+    """Class-agnostic boxes for ChatRex: OWLv2 objectness, the grounding detector with a generic prompt, or
+    UPN (the paper's proposal network, `upn/`) at a granularity: coarse (objects), fine (parts, small
+    objects) or both."""
 
     enabled: bool = False
-    backend: Literal["owlv2", "grounding"] = "owlv2"
+    backend: Literal["owlv2", "grounding", "upn"] = "owlv2"
+    granularity: Literal["coarse", "fine", "both"] = "coarse"  # for backend: upn
     detector_backend: Literal["transformers", "groundingdino-py"] = "transformers"  # for backend: grounding
     model: ModelRef | None = None
     query: str = "an object"
@@ -107,12 +112,27 @@ class Proposals(Stage):
 
     def __init__(self, cfg: ProposalsConfig) -> None:
         super().__init__(cfg)
-        self.model = Owlv2Objectness(cfg) if cfg.backend == "owlv2" else GenericPromptDetector(cfg)
+        if cfg.backend == "upn":
+            from stages.backends.upn import UPNProposer
+
+            self.model = UPNProposer(cfg)
+        else:
+            self.model = Owlv2Objectness(cfg) if cfg.backend == "owlv2" else GenericPromptDetector(cfg)
 
     def process(self, items: list[Item]) -> None:
         images = [load_rgb(item.image, self.cfg.max_image_side) for item in items]
-        for item, image, (scores, boxes) in zip(items, images, self.model(images), strict=True):
+        for item, image, output in zip(items, images, self.model(images), strict=True):
             width, height = item.record["width"], item.record["height"]
+            if isinstance(output, dict):  # UPN: {granularity: (scores, boxes)}
+                from stages.backends.upn import merge_granularities
+
+                scale = torch.tensor([width / image.width, height / image.height] * 2)
+                per = {
+                    g: select_proposals(s, b * scale, width, height, self.cfg) for g, (s, b) in output.items()
+                }
+                item.record["proposals"] = merge_granularities(per, self.cfg.max_proposals)
+                continue
+            scores, boxes = output
             boxes = boxes * torch.tensor(
                 [width / image.width, height / image.height] * 2
             )  # back to full size

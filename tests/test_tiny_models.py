@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[1]
 CORE = ["qwen2-vl", "grounding-dino", "qwen2-lm", "siglip", "clip"]
-EXTRA = ["owlv2", "sam2", "sam2-official", "groundingdino-official", "nsfw", "low-content"]
+EXTRA = ["owlv2", "sam2", "sam2-official", "groundingdino-official", "nsfw", "low-content", "upn"]
 WORDS = set(tiny_models._corpus_words())
 
 
