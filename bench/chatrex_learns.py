@@ -594,6 +594,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse-pretrained",
+        type=Path,
+        default=None,
+        help="work dir of an earlier run: reuse its shards and region-init (same data/region settings)",
+    )
     parser.add_argument("--sweep", action="store_true", help="objects-per-image sweep + no-ConvNeXt ablation")
     parser.add_argument("--sweep-scenes", type=int, default=100)
     args = parser.parse_args()
@@ -607,25 +613,34 @@ def main() -> int:
     from pipelines.make_fixture import generate_fixture
 
     shards = {}
-    for split, n, seed in (("train", args.train_scenes, 101), ("test", args.test_scenes, 202)):
-        scenes = args.work / f"{split}-scenes"
-        generate_fixture(scenes, n=n, seed=seed)
-        shards[split] = make_shards(
-            scenes / "annotations.json", args.work / f"{split}-shards", args.distractors, seed
-        )
-    print(
-        f"data: {args.train_scenes} train / {args.test_scenes} test scenes ({time.time() - t0:.0f}s)",
-        flush=True,
-    )
-
     text_weights = {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5}
-    init = build_small_chatrex(args.work / "init")
-    t1 = time.time()
-    accuracy = pretrain_region_encoder(init, shards["train"], args.region_steps)
-    print(
-        f"region pre-training: {args.region_steps} steps, accuracy {accuracy:.3f}, "
-        f"{(time.time() - t1) / 60:.1f} min"
-    )
+    init = args.work / "init"
+    if args.reuse_pretrained:  # data and region pre-training of an earlier run with the same settings
+        for split in ("train", "test"):
+            shutil.copytree(args.reuse_pretrained / f"{split}-shards", args.work / f"{split}-shards")
+            shards[split] = args.work / f"{split}-shards"
+        shutil.copytree(args.reuse_pretrained / "region-init", init)
+        print(f"data and region pre-training reused from {args.reuse_pretrained}", flush=True)
+    else:
+        for split, n, seed in (("train", args.train_scenes, 101), ("test", args.test_scenes, 202)):
+            scenes = args.work / f"{split}-scenes"
+            generate_fixture(scenes, n=n, seed=seed)
+            shards[split] = make_shards(
+                scenes / "annotations.json", args.work / f"{split}-shards", args.distractors, seed
+            )
+        print(
+            f"data: {args.train_scenes} train / {args.test_scenes} test scenes ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
+        build_small_chatrex(init)
+        t1 = time.time()
+        accuracy = pretrain_region_encoder(init, shards["train"], args.region_steps)
+        print(
+            f"region pre-training: {args.region_steps} steps, accuracy {accuracy:.3f}, "
+            f"{(time.time() - t1) / 60:.1f} min",
+            flush=True,
+        )
+        shutil.copytree(init, args.work / "region-init")  # reusable with --reuse-pretrained
     coords_init = args.work / "coords-init"
     shutil.copytree(init, coords_init)
     prepare(init, shards["train"], args, text_weights, coordinates=False)

@@ -238,8 +238,8 @@ def candidate_source(args: argparse.Namespace) -> dict[str, Any]:
     """The records to ask about and a description of where their candidate boxes come from."""
     from chatrex.coco import iter_coco_records
 
+    check_sources(args)
     if args.coco:
-        check_coco_source(args)
         synthetic = args.distractors if args.synthetic_proposals else None
         records = iter_coco_records(args.coco, args.images, args.proposals, synthetic, args.seed, args.limit)
         described = (
@@ -248,13 +248,18 @@ def candidate_source(args: argparse.Namespace) -> dict[str, Any]:
             else f"synthetic proposal model (chatrex/proposals.py), {args.distractors} distractors per image"
         )
         return {"records": records, "candidates": described}
-    if args.proposals or args.synthetic_proposals:
-        raise SystemExit("--proposals and --synthetic-proposals go with --coco; shards carry their proposals")
     return {"records": records_from_shards(args.shards), "candidates": "the shards' proposals"}
 
 
-def check_coco_source(args: argparse.Namespace) -> None:
-    """COCO evaluation needs a proposal source: the annotations never become candidates."""
+def check_sources(args: argparse.Namespace) -> None:
+    """COCO evaluation needs a proposal source (annotations never become candidates); shards bring theirs."""
+    if not args.coco:
+        if args.proposals or args.synthetic_proposals:
+            raise SystemExit(
+                "eval_chatrex: --proposals and --synthetic-proposals go with --coco; "
+                "shards carry their proposals"
+            )
+        return
     if not args.proposals and not args.synthetic_proposals:
         raise SystemExit(
             "eval_chatrex: --coco needs candidate boxes from a proposal source: pass --proposals DETS.json "
@@ -275,6 +280,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"unknown --tasks {sorted(unknown)}; choose from {TASKS}")
     import ray
 
+    check_sources(args)  # before starting Ray: a wrong command fails at once
     started = init_ray(RayConfig(show_progress=not args.quiet), namespace="chatrex-eval")
     try:
         source = candidate_source(args)

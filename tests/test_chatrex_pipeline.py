@@ -56,7 +56,7 @@ def test_training_loss_falls_well_below_the_start(trained):
     summary = json.loads((out / "train_summary.json").read_text())
     stages = summary["stages"]
     assert [s["name"] for s in stages] == ["alignment", "perception", "joint"]
-    assert [s["steps"] for s in stages] == [10, 30, 20]
+    assert [s["steps"] for s in stages] == [6, 30, 12]
     # perception (detection, grounding, region questions) learns; the joint stage ends well below the start
     assert stages[1]["last_loss"] < 0.75 * stages[1]["first_loss"], stages[1]["losses"]
     assert stages[2]["last_loss"] < 0.7 * stages[0]["first_loss"], [s["losses"] for s in stages]
@@ -81,7 +81,7 @@ def test_killed_training_resumes_from_its_checkpoint(gt_shards, engine_env, tmp_
     done = run(command, engine_env)
     assert "resumed from the checkpoint of step" in done.stdout + done.stderr
     summary = json.loads((out / "train_summary.json").read_text())
-    assert [s["steps"] for s in summary["stages"]] == [10, 30, 20]
+    assert [s["steps"] for s in summary["stages"]] == [6, 30, 12]
 
 
 def test_eval_scores_detection_referring_and_naming(trained, gt_shards, engine_env, tmp_path):
