@@ -600,10 +600,18 @@ def main() -> int:
         default=None,
         help="work dir of an earlier run: reuse its shards and region-init (same data/region settings)",
     )
+    parser.add_argument(
+        "--part",
+        choices=("all", "retrieval", "coords", "summary"),
+        default="all",
+        help="one model only (e.g. both in parallel with the same --output), or only the summary line",
+    )
     parser.add_argument("--sweep", action="store_true", help="objects-per-image sweep + no-ConvNeXt ablation")
     parser.add_argument("--sweep-scenes", type=int, default=100)
     args = parser.parse_args()
 
+    if args.part == "summary":
+        return summary(args.output or args.work / "eval")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -643,40 +651,49 @@ def main() -> int:
         shutil.copytree(init, args.work / "region-init")  # reusable with --reuse-pretrained
     coords_init = args.work / "coords-init"
     shutil.copytree(init, coords_init)
-    prepare(init, shards["train"], args, text_weights, coordinates=False)
-
-    t2 = time.time()
-    model = train_retrieval(init, shards["train"], args.work / "retrieval", args)
     eval_dir = args.output or args.work / "eval"
-    report = evaluate_retrieval(model, shards["test"], eval_dir)
-    retrieval_minutes = (time.time() - t2) / 60
-
-    t3 = time.time()
-    prepare(coords_init, shards["train"], args, text_weights, coordinates=True)
-    coords_model = train_coordinate_model(
-        coords_init, shards["train"], stage_specs(args), args.batch_size, args.threads
-    )
-    coords = evaluate_coordinates(coords_model, shards["test"], args.threads)
-    coords_minutes = (time.time() - t3) / 60
-    (eval_dir / "coords_metrics.json").write_text(json.dumps(coords, indent=2))
-
-    d = report["metrics"]["all"]["detection"]
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    model = coords_model = None
+    if args.part in ("all", "retrieval"):
+        t2 = time.time()
+        prepare(init, shards["train"], args, text_weights, coordinates=False)
+        model = train_retrieval(init, shards["train"], args.work / "retrieval", args)
+        evaluate_retrieval(model, shards["test"], eval_dir)
+        print(f"retrieval: warm-up + training + eval {(time.time() - t2) / 60:.1f} min", flush=True)
+    if args.part in ("all", "coords"):
+        t3 = time.time()
+        prepare(coords_init, shards["train"], args, text_weights, coordinates=True)
+        coords_model = train_coordinate_model(
+            coords_init, shards["train"], stage_specs(args), args.batch_size, args.threads
+        )
+        coords = evaluate_coordinates(coords_model, shards["test"], args.threads)
+        (eval_dir / "coords_metrics.json").write_text(json.dumps(coords, indent=2))
+        print(f"coordinates: warm-up + training + eval {(time.time() - t3) / 60:.1f} min", flush=True)
     steps = f"{args.align_steps}/{args.perception_steps}/{args.joint_steps}"
     print(
-        f"stages alignment/perception/joint: {steps} steps; "
-        f"retrieval train+eval {retrieval_minutes:.1f} min, "
-        f"coordinates warm-up+train+eval {coords_minutes:.1f} min; total {(time.time() - t0) / 60:.1f} min "
+        f"stages alignment/perception/joint: {steps} steps; total {(time.time() - t0) / 60:.1f} min "
         f"on {args.threads} CPU threads",
         flush=True,
     )
+    if args.sweep and model is not None and coords_model is not None:
+        sweep(args, model, coords_model, shards, init)
+    return summary(eval_dir)
+
+
+def summary(eval_dir: Path) -> int:
+    """The closing line from the retrieval (metrics.json) and coordinate (coords_metrics.json) evaluations."""
+    if not (eval_dir / "metrics.json").exists() or not (eval_dir / "coords_metrics.json").exists():
+        print(f"summary: {eval_dir} lacks metrics.json or coords_metrics.json (run the other --part)")
+        return 0
+    report = json.loads((eval_dir / "metrics.json").read_text())
+    coords = json.loads((eval_dir / "coords_metrics.json").read_text())
+    d = report["metrics"]["all"]["detection"]
     print(
         f"baselines: {json.dumps(d['baselines'])}; best category-blind: {d['baseline']['strategy']}; "
         f"recall ceiling (all overlapping) {d['recall_ceiling_R@0.5']}; oracle R {d['oracle_R@0.5']}; "
         f"coordinates P@0.5 {coords['P@0.5']}; naming {report['metrics']['all'].get('naming')}",
         flush=True,
     )
-    if args.sweep:
-        sweep(args, model, coords_model, shards, init)
     print(
         f"R@0.5={d['R@0.5']:.3f} P@0.5={d['P@0.5']:.3f} baseline_R@0.5={d['baseline']['R@0.5']:.3f} "
         f"baseline_P@0.5={d['baseline']['P@0.5']:.3f} coords_R@0.5={coords['R@0.5']:.3f} mAP={d['mAP']:.3f}",
