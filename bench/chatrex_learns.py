@@ -1,15 +1,31 @@
-"""Does ChatRex learn to detect by picking box indices? A CPU benchmark (not a CI test).
+"""Does ChatRex learn to detect by picking candidate boxes, and does that beat writing coordinates? CPU bench.
 
-Generates synthetic scenes of simple shapes with known boxes (the fixture generator, other seeds), turns them
-into Rexverse shards whose proposals are random distractor boxes, and builds a small random-init ChatRex.
-Its LLM first learns the task mix in words (`warm_up_llm_on_text`: the stand-in for a pretrained LLM), then
-the whole model trains on the images for a few CPU minutes with the real training pipeline (Ray Train:
-alignment, then full training), and the real eval stage (Ray Data) measures detection on held-out scenes.
-Input boxes at evaluation are each image's ground-truth boxes mixed with its distractors, shuffled; chance
-is picking as many of them at random as the category has ground truth. The last line reads
-`R@0.5=<r> P@0.5=<p> chance_R@0.5=<c>`.
+Generates synthetic scenes of simple shapes with known boxes (the fixture generator, other seeds: 1-6
+objects of 8 categories), turns them into Rexverse shards whose proposals come from the documented synthetic
+proposal model (`chatrex/proposals.py`: 1-2 jittered boxes per object with IoU 0.55-0.95 to it, background and
+partial boxes shaped like real objects, uniform scores that carry no information). Evaluation candidates are
+these proposals only: no ground-truth box is ever an input.
 
-    python bench/chatrex_learns.py [--train-scenes 3000] [--text-steps 1000] [--steps 1000] [--work DIR]
+Two models with the same parts (a small random ViT + ConvNeXt + 4-layer Qwen2), data, stages and step budget:
+
+- ChatRex (retrieval): answers with indices of candidate boxes. Trained with the real pipeline (Ray Train:
+  the paper's `alignment`, `perception`, `joint` stages; candidates = proposals, each object answered by its
+  matched proposal) and evaluated with the real eval stage (Ray Data), beside the baselines of
+  `chatrex/scoring.py` on the same candidates.
+- Coordinates (Shikra / Qwen2-VL style, `chatrex/coordinates.py`): no candidates; the answer writes each
+  box as four integers 0-999. Trained by an in-process loop with the same stages, steps, batch, learning-rate
+  schedule and frozen parts; evaluated on the same questions.
+
+Both start from two stand-ins for pretrained parts, on training scenes only: region pre-training of the
+ConvNeXt + object encoder (shared), and a text warm-up of each LLM on its own answer format in words.
+
+The last line reads `R@0.5=<r> P@0.5=<p> baseline_R@0.5=<b> baseline_P@0.5=<bp> coords_R@0.5=<c> mAP=<m>`:
+the retrieval model, the best-F1 category-blind baseline, the coordinate model's recall, and the retrieval
+model's mAP ranked by its own <objN> probabilities. `--output DIR` keeps the retrieval model's evaluation
+(metrics.json, predictions.jsonl) and the coordinate model's (coords_metrics.json). `--sweep` (not timed)
+adds R/P of both at 1, 3, 6, 10 objects per image and the ablation without ConvNeXt object features.
+
+    python bench/chatrex_learns.py [--perception-steps 800] [--output DIR] [--sweep] [--work DIR]
 """
 
 from __future__ import annotations
@@ -29,12 +45,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_small_chatrex(out: Path, seed: int = 0) -> Path:
+def build_small_chatrex(out: Path, seed: int = 0, object_features: str = "roi") -> Path:
     """A small random ChatRex: ViT 96 px / ConvNeXt 192 px (6x6 tokens each), a 4-layer 128-wide Qwen2.
 
     Its object encoder keeps the 4x4 RoIAlign grid of the two finest ConvNeXt stages (`roi_pooling:
     flatten`): an encoder trained from scratch must see a region's layout to tell a star from a hexagon
     (measured here: 94% vs 48% shape accuracy of a linear probe after 300 steps, against mean pooling).
+    `object_features="box"` builds the ablation whose object tokens carry no ConvNeXt features.
     """
     import torch
     from transformers import (
@@ -96,6 +113,7 @@ def build_small_chatrex(out: Path, seed: int = 0) -> Path:
         roi_output_size=4,
         roi_pooling="flatten",
         box_embed_dim=64,
+        object_features=object_features,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -121,6 +139,7 @@ def warm_up_llm_on_text(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
+    candidates: str = "proposals",
 ) -> float:
     """Teach the small LLM the task mix in words before it sees any pixels; returns the last 100 steps' loss.
 
@@ -135,7 +154,7 @@ def warm_up_llm_on_text(
 
     import torch
 
-    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.modeling import ChatRexForConditionalGeneration, answer_only_loss
     from chatrex.processor import ChatRexProcessor
     from chatrex.tasks import sample_task
 
@@ -154,7 +173,7 @@ def warm_up_llm_on_text(
         rows, slot_words = [], []
         while len(rows) < batch_size:
             record = rng.choice(records)
-            drawn = sample_task(record, rng, 32, weights)
+            drawn = sample_task(record, rng, 32, weights, candidates)
             if drawn is None:
                 continue
             boxes, task = drawn
@@ -178,7 +197,7 @@ def warm_up_llm_on_text(
         inputs = embed(input_ids).masked_scatter(
             (input_ids == model.config.object_token_id)[..., None], slots
         )
-        loss = llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+        loss = answer_only_loss(llm, inputs, mask, labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -190,14 +209,19 @@ def warm_up_llm_on_text(
 
 
 def pretrain_region_encoder(
-    model_dir: Path, shards: Path, steps: int, batch_size: int = 16, seed: int = 0
+    model_dir: Path,
+    shards: Path,
+    steps: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    candidates: str = "proposals",
 ) -> float:
     """Train the ConvNeXt and the object encoder to classify boxes; returns the last 50 steps' accuracy.
 
     The stand-in for a pretrained vision tower: a real ChatRex pools RoI features from a pretrained ConvNeXt,
     where boxes of different categories already look different; this random one must first learn the shapes.
     A linear head (thrown away afterwards) on the object encoder's output predicts each input box's category,
-    or "background" for a distractor. Training scenes only.
+    or "background" for a candidate no object is assigned to. Training scenes only.
     """
     import io
     import random
@@ -230,7 +254,7 @@ def pretrain_region_encoder(
         pixels, boxes, labels = [], [], []
         for record, jpg in rng.sample(rows, batch_size):
             image = Image.open(io.BytesIO(jpg)).convert("RGB")
-            mixed = mix_boxes(record, processor.num_object_tokens, rng)
+            mixed = mix_boxes(record, processor.num_object_tokens, rng, candidates=candidates)
             names = ["background"] * len(mixed.boxes)
             for region in record["regions"]:
                 if region["id"] in mixed.region_index:
@@ -256,131 +280,469 @@ def pretrain_region_encoder(
     return sum(correct[-50:]) / len(correct[-50:])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--work", type=Path, default=Path("/tmp/chatrex-bench"))
-    parser.add_argument("--train-scenes", type=int, default=3000)
-    parser.add_argument("--test-scenes", type=int, default=200)
-    parser.add_argument("--distractors", type=int, default=6)
-    parser.add_argument("--text-steps", type=int, default=1000, help="LLM warm-up steps on words")
-    parser.add_argument("--region-steps", type=int, default=500, help="vision pre-training steps")
-    parser.add_argument("--align-steps", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=1000, help="full-training steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+# --- the coordinate model --------------------------------------------------------------------------------
 
-    from pipelines import eval_chatrex, train_chatrex
+
+def _records_and_images(shards: Path) -> list[tuple[dict, bytes]]:
+    return training_rows(shards)
+
+
+def _pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(row_labels)
+        mask[i, : len(ids)] = 1
+    return input_ids, labels, mask
+
+
+def warm_up_coordinates_on_text(
+    model_dir: Path,
+    shards: Path,
+    steps: int,
+    weights: dict[str, float],
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """The coordinate model's stand-in for a pretrained LLM: its answer format, learned in words.
+
+    Mirror of `warm_up_llm_on_text`: no image tokens; the prompt lists the scene's objects in words with
+    their quantised coordinates ("circle [102,340,251,512]; ..."), and the answer must copy the right ones.
+    The multimodal stages then have to learn the vision side: write the coordinates from pixels.
+    """
+    import random
+
+    import torch
+
+    from chatrex.coordinates import box_text, coordinate_task
+    from chatrex.modeling import ChatRexForConditionalGeneration, answer_only_loss
+    from chatrex.processor import ChatRexProcessor
+
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir)
+    processor = ChatRexProcessor.from_pretrained(model_dir)
+    processor.num_image_tokens = 0
+    llm = model.language_model
+    records = [record for record, _ in training_rows(shards)]
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=lr)
+    llm.train()
+    losses: list[float] = []
+    for step in range(steps):
+        rows = []
+        while len(rows) < batch_size:
+            record = rng.choice(records)
+            task = coordinate_task(record, rng, weights)
+            if task is None:
+                continue
+            listed = "; ".join(
+                f"{r['category']} {box_text(r['box'], record['width'], record['height'])}"
+                for r in rng.sample(record["regions"], k=len(record["regions"]))
+            )
+            rows.append(processor.tokenize(0, f"Objects: {listed}.\n{task.question}", task.answer))
+        input_ids, labels, mask = _pad_batch(rows, processor.pad_token_id)
+        loss = answer_only_loss(llm, llm.get_input_embeddings()(input_ids), mask, labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            print(
+                f"coords text warm-up step {step + 1}/{steps}: loss {sum(losses[-100:]) / 100:.3f}",
+                flush=True,
+            )
+    model.save_pretrained(model_dir)
+    return sum(losses[-100:]) / len(losses[-100:])
+
+
+def train_coordinate_model(
+    model_dir: Path, shards: Path, stages: list[dict], batch_size: int, threads: int, seed: int = 0
+) -> Path:
+    """Train the coordinate model through `stages` (the ChatRex pipeline's stage dicts), in this process.
+
+    Same per stage as the pipeline: `set_trainable`, AdamW over `optimizer_param_groups`, warm-up + cosine
+    schedule (`lr_factor`), gradient clipping at 1.0, the stage's task weights; only the answer format and
+    the empty candidate list differ.
+    """
+    import io
+    import random
+
+    import torch
+    from PIL import Image
+
+    from chatrex.coordinates import coordinate_task
+    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.processor import ChatRexProcessor
+    from chatrex.train_config import StageConfig
+    from pipelines.train_chatrex import lr_factor
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rows = training_rows(shards)
+    rng = random.Random(seed)
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir)
+    processor = ChatRexProcessor.from_pretrained(model_dir)
+    for spec in stages:
+        stage = StageConfig.model_validate(spec)
+        model.set_trainable(stage.name, train_vision=stage.vision_trains)
+        model.train()
+        optimizer = torch.optim.AdamW(model.optimizer_param_groups(0.0), lr=stage.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, st=stage: lr_factor(s, st))
+        window: list[float] = []
+        started = time.time()
+        for step in range(stage.steps):
+            samples = []
+            while len(samples) < batch_size:
+                record, jpg = rng.choice(rows)
+                task = coordinate_task(record, rng, stage.weights)
+                if task is None:
+                    continue
+                image = Image.open(io.BytesIO(jpg)).convert("RGB")
+                samples.append(processor.encode(image, [], task.question, task.answer))
+            loss = model(**processor.collate(samples), answer_logits_only=True).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            scheduler.step()
+            window.append(loss.item())
+            if (step + 1) % 50 == 0 or step + 1 == stage.steps:
+                print(
+                    f"[coords {stage.name}] step {step + 1}/{stage.steps} "
+                    f"loss {sum(window) / len(window):.4f} "
+                    f"({time.time() - started:.0f}s)",
+                    flush=True,
+                )
+                window = []
+        model.set_trainable("perception")  # drop the alignment stage's row hooks before the next stage
+    out = model_dir.parent / "coords-model"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def evaluate_coordinates(
+    model_dir: Path, shards: Path, threads: int, batch_size: int = 16, max_new_tokens: int = 160
+) -> dict:
+    """Detection P/R@0.5 of the coordinate model on ChatRex's eval questions (all and per bucket)."""
+    import io
+    from collections import defaultdict
+
+    import torch
+    from PIL import Image
+
+    from chatrex.coordinates import parse_coordinates
+    from chatrex.metrics import DetectionCounts
+    from chatrex.modeling import ChatRexForConditionalGeneration
+    from chatrex.processor import ChatRexProcessor
+    from chatrex.scoring import bucket_of
+    from chatrex.tasks import DETECT_QUESTION
+
+    torch.set_num_threads(threads)
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ChatRexProcessor.from_pretrained(model_dir)
+    questions = []
+    for record, jpg in training_rows(shards):
+        by_category: dict[str, list] = defaultdict(list)
+        for region in record["regions"]:
+            by_category[region["category"]].append(region["box"])
+        for category in sorted(by_category):
+            questions.append((record, jpg, category, by_category[category]))
+    total, buckets = DetectionCounts(), defaultdict(DetectionCounts)
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        samples = [
+            processor.encode(
+                Image.open(io.BytesIO(jpg)).convert("RGB"), [], DETECT_QUESTION.format(category=c)
+            )
+            for _, jpg, c, _ in chunk
+        ]
+        with torch.inference_mode():
+            generated = model.generate(**processor.collate(samples), max_new_tokens=max_new_tokens)
+        for (record, _, _, gt), answer in zip(chunk, processor.batch_decode(generated), strict=True):
+            boxes = parse_coordinates(answer, record["width"], record["height"])
+            total.add(boxes, gt)
+            buckets[bucket_of(len(record["regions"]))].add(boxes, gt)
+    return total.to_dict() | {"by_objects": {k: v.to_dict() for k, v in sorted(buckets.items())}}
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def fixed_count_scenes(out: Path, n_scenes: int, n_objects: int, seed: int) -> Path:
+    """Fixture-generator scenes with `n_objects` shapes each (placement may fit fewer in the image)."""
+    import numpy as np
+
+    from scaffold import make_fixture as fx
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n_scenes):
+        rng = np.random.default_rng([seed, n_objects, i])
+        width, height = int(rng.integers(384, 513)), int(rng.integers(384, 513))
+        bg = fx.Background(list(fx.BACKGROUNDS)[int(rng.integers(0, len(fx.BACKGROUNDS)))], "plain")
+        # overlap allowed (as in a third of the fixture scenes) so that crowded scenes fit their objects
+        scene = fx.render_scene(rng, width, height, bg, n_objects=n_objects, allow_overlap=True)
+        record = fx.ImageRecord(f"scene_{i:04d}.jpg", width, height, "scene", scene)
+        fx._save_jpeg(scene.image, out / record.file_name)
+        records.append(record)
+    (out / "annotations.json").write_text(json.dumps(fx._coco(records, seed)))
+    return out / "annotations.json"
+
+
+def make_shards(annotations: Path, out: Path, distractors: int, seed: int) -> Path:
     from pipelines.coco_to_shards import convert
-    from scaffold.make_fixture import generate_fixture
 
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    t0 = time.time()
-    for split, n, seed in (("train", args.train_scenes, 101), ("test", args.test_scenes, 202)):
-        scenes = args.work / f"{split}-scenes"
-        generate_fixture(scenes, n=n, seed=seed)
-        convert(
-            scenes / "annotations.json",
-            args.work / f"{split}-shards",
-            distractors=args.distractors,
-            seed=seed,
-            shard_size=500,
-        )
-    print(
-        f"data: {args.train_scenes} train / {args.test_scenes} test scenes, {args.distractors} distractors "
-        f"per image ({time.time() - t0:.0f}s)",
-        flush=True,
-    )
+    convert(annotations, out, synthetic_distractors=distractors, seed=seed, shard_size=500)
+    return out
 
-    weights = {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5}
-    model = build_small_chatrex(args.work / "init")
-    t1 = time.time()
-    region_accuracy = pretrain_region_encoder(model, args.work / "train-shards", args.region_steps)
-    region_minutes = (time.time() - t1) / 60
-    print(
-        f"region pre-training: {args.region_steps} steps, accuracy {region_accuracy:.3f}, "
-        f"{region_minutes:.1f} min"
-    )
-    t1 = time.time()
-    text_loss = warm_up_llm_on_text(model, args.work / "train-shards", args.text_steps, weights)
-    text_minutes = (time.time() - t1) / 60
-    print(f"text warm-up: {args.text_steps} steps, loss {text_loss:.3f}, {text_minutes:.1f} min", flush=True)
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+def stage_specs(args: argparse.Namespace) -> list[dict]:
+    """The paper's three stages at bench scale (vision trains throughout: the encoders start untrained)."""
+    perception = {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5}
+    common = {"lr": args.lr, "train_vision": True}
+    return [
+        {
+            "name": "alignment",
+            "steps": args.align_steps,
+            "warmup_steps": 10,
+            "task_weights": {"image_caption": 1.0},
+        }
+        | common,
+        {"name": "perception", "steps": args.perception_steps, "warmup_steps": 20, "task_weights": perception}
+        | common,
+        {
+            "name": "joint",
+            "steps": args.joint_steps,
+            "warmup_steps": 10,
+            "task_weights": perception | {"caption": 1.0},
+        }
+        | common,
+    ]
+
+
+def train_retrieval(model: Path, train_shards: Path, out: Path, args: argparse.Namespace) -> Path:
+    from pipelines import train_chatrex
+
+    stages = stage_specs(args)
     config = {
         "name": "chatrex-bench",
         "model": str(model),
-        "stages": [
-            # Alignment also trains the untrained vision encoders (pretrained ones stay frozen in the paper).
-            {
-                "name": "alignment",
-                "steps": args.align_steps,
-                "lr": args.lr,
-                "warmup_steps": 10,
-                "train_vision": True,
-            },
-            {"name": "full", "steps": args.steps, "lr": args.lr, "warmup_steps": 20, "train_vision": True},
-        ],
+        "stages": stages,
         "batch_size": args.batch_size,
         "max_boxes": 32,
-        "task_weights": weights,
+        "candidates": "proposals",
         "shuffle_buffer": 256,
         "log_every": 50,
         "checkpoint_every": 500,
         # one reserved CPU: the other one reads shards for Ray Data; torch may still use both
         "scaling": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": args.threads},
     }
-    config_path = args.work / "train.yaml"
-    config_path.write_text(json.dumps(config))
-    t2 = time.time()
-    train_chatrex.main(
-        [
-            "--config",
-            str(config_path),
-            "--shards",
-            str(args.work / "train-shards"),
-            "--output",
-            str(args.work / "train"),
-        ]
-    )
-    train_minutes = (time.time() - t2) / 60
-    report = eval_chatrex.evaluate(
-        eval_chatrex.parse_args(
-            [
-                "--model",
-                str(args.work / "train" / "model"),
-                "--shards",
-                str(args.work / "test-shards"),
-                "--output",
-                str(args.work / "eval"),
-                "--tasks",
-                "detection,naming",
-                "--max-boxes",
-                "32",
-                "--batch-size",
-                "16",
-                "--cpus-per-actor",
-                "1",
-                "--quiet",
-            ]
-        )
-    )
-    detection = report["metrics"]["all"]["detection"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.yaml").write_text(json.dumps(config))
+    argv = ["--config", str(out / "train.yaml"), "--shards", str(train_shards), "--output", str(out / "run")]
+    if train_chatrex.main(argv) != 0:
+        raise SystemExit("training failed")
+    return out / "run" / "model"
+
+
+def evaluate_retrieval(model: Path, shards: Path, out: Path, tasks: str = "detection,naming") -> dict:
+    from pipelines import eval_chatrex
+
+    argv = ["--model", str(model), "--shards", str(shards), "--output", str(out), "--tasks", tasks]
+    argv += ["--max-boxes", "32", "--batch-size", "16", "--cpus-per-actor", "1", "--quiet"]
+    return eval_chatrex.evaluate(eval_chatrex.parse_args(argv))
+
+
+def prepare(
+    model: Path, train_shards: Path, args: argparse.Namespace, weights: dict, coordinates: bool
+) -> None:
+    """The two stand-ins for pretrained parts (region pre-training happens once, before the copy)."""
+    t = time.time()
+    if coordinates:
+        loss = warm_up_coordinates_on_text(model, train_shards, args.text_steps, weights)
+    else:
+        loss = warm_up_llm_on_text(model, train_shards, args.text_steps, weights)
+    kind = "coordinates" if coordinates else "indices"
     print(
-        f"training on images: {args.align_steps} alignment + {args.steps} full steps, "
-        f"{train_minutes:.1f} min "
-        f"wall on {args.threads} CPU threads; text warm-up {text_minutes:.1f} min; total "
-        f"{(time.time() - t0) / 60:.1f} min",
+        f"text warm-up ({kind}): {args.text_steps} steps, loss {loss:.3f}, {(time.time() - t) / 60:.1f} min"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/chatrex-bench"))
+    parser.add_argument("--output", type=Path, default=None, help="keep the final evaluations here")
+    parser.add_argument("--train-scenes", type=int, default=3000)
+    parser.add_argument("--test-scenes", type=int, default=200)
+    parser.add_argument("--distractors", type=int, default=6, help="synthetic proposal model's distractors")
+    parser.add_argument("--region-steps", type=int, default=400, help="vision pre-training steps (shared)")
+    parser.add_argument("--text-steps", type=int, default=800, help="LLM warm-up steps on words (each model)")
+    parser.add_argument("--align-steps", type=int, default=100)
+    parser.add_argument("--perception-steps", type=int, default=700)
+    parser.add_argument("--joint-steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse-pretrained",
+        type=Path,
+        default=None,
+        help="work dir of an earlier run: reuse its shards and region-init (same data/region settings)",
+    )
+    parser.add_argument(
+        "--part",
+        choices=("all", "retrieval", "coords", "summary"),
+        default="all",
+        help="one model only (e.g. both in parallel with the same --output), or only the summary line",
+    )
+    parser.add_argument("--sweep", action="store_true", help="objects-per-image sweep + no-ConvNeXt ablation")
+    parser.add_argument("--sweep-scenes", type=int, default=100)
+    args = parser.parse_args()
+
+    if args.part == "summary":
+        return summary(args.output or args.work / "eval")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    t0 = time.time()
+    from scaffold.make_fixture import generate_fixture
+
+    shards = {}
+    text_weights = {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5}
+    init = args.work / "init"
+    if args.reuse_pretrained:  # data and region pre-training of an earlier run with the same settings
+        for split in ("train", "test"):
+            shutil.copytree(args.reuse_pretrained / f"{split}-shards", args.work / f"{split}-shards")
+            shards[split] = args.work / f"{split}-shards"
+        shutil.copytree(args.reuse_pretrained / "region-init", init)
+        print(f"data and region pre-training reused from {args.reuse_pretrained}", flush=True)
+    else:
+        for split, n, seed in (("train", args.train_scenes, 101), ("test", args.test_scenes, 202)):
+            scenes = args.work / f"{split}-scenes"
+            generate_fixture(scenes, n=n, seed=seed)
+            shards[split] = make_shards(
+                scenes / "annotations.json", args.work / f"{split}-shards", args.distractors, seed
+            )
+        print(
+            f"data: {args.train_scenes} train / {args.test_scenes} test scenes ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
+        build_small_chatrex(init)
+        t1 = time.time()
+        accuracy = pretrain_region_encoder(init, shards["train"], args.region_steps)
+        print(
+            f"region pre-training: {args.region_steps} steps, accuracy {accuracy:.3f}, "
+            f"{(time.time() - t1) / 60:.1f} min",
+            flush=True,
+        )
+        shutil.copytree(init, args.work / "region-init")  # reusable with --reuse-pretrained
+    coords_init = args.work / "coords-init"
+    shutil.copytree(init, coords_init)
+    eval_dir = args.output or args.work / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    model = coords_model = None
+    if args.part in ("all", "retrieval"):
+        t2 = time.time()
+        prepare(init, shards["train"], args, text_weights, coordinates=False)
+        model = train_retrieval(init, shards["train"], args.work / "retrieval", args)
+        evaluate_retrieval(model, shards["test"], eval_dir)
+        print(f"retrieval: warm-up + training + eval {(time.time() - t2) / 60:.1f} min", flush=True)
+    if args.part in ("all", "coords"):
+        t3 = time.time()
+        prepare(coords_init, shards["train"], args, text_weights, coordinates=True)
+        coords_model = train_coordinate_model(
+            coords_init, shards["train"], stage_specs(args), args.batch_size, args.threads
+        )
+        coords = evaluate_coordinates(coords_model, shards["test"], args.threads)
+        (eval_dir / "coords_metrics.json").write_text(json.dumps(coords, indent=2))
+        print(f"coordinates: warm-up + training + eval {(time.time() - t3) / 60:.1f} min", flush=True)
+    steps = f"{args.align_steps}/{args.perception_steps}/{args.joint_steps}"
+    print(
+        f"stages alignment/perception/joint: {steps} steps; total {(time.time() - t0) / 60:.1f} min "
+        f"on {args.threads} CPU threads",
+        flush=True,
+    )
+    if args.sweep and model is not None and coords_model is not None:
+        sweep(args, model, coords_model, shards, init)
+    return summary(eval_dir)
+
+
+def summary(eval_dir: Path) -> int:
+    """The closing line from the retrieval (metrics.json) and coordinate (coords_metrics.json) evaluations."""
+    if not (eval_dir / "metrics.json").exists() or not (eval_dir / "coords_metrics.json").exists():
+        print(f"summary: {eval_dir} lacks metrics.json or coords_metrics.json (run the other --part)")
+        return 0
+    report = json.loads((eval_dir / "metrics.json").read_text())
+    coords = json.loads((eval_dir / "coords_metrics.json").read_text())
+    d = report["metrics"]["all"]["detection"]
+    print(
+        f"baselines: {json.dumps(d['baselines'])}; best category-blind: {d['baseline']['strategy']}; "
+        f"recall ceiling (all overlapping) {d['recall_ceiling_R@0.5']}; oracle R {d['oracle_R@0.5']}; "
+        f"coordinates P@0.5 {coords['P@0.5']}; naming {report['metrics']['all'].get('naming')}",
         flush=True,
     )
     print(
-        f"R@0.5={detection['R@0.5']:.3f} P@0.5={detection['P@0.5']:.3f} "
-        f"chance_R@0.5={detection['chance_R@0.5']:.3f}",
+        f"R@0.5={d['R@0.5']:.3f} P@0.5={d['P@0.5']:.3f} baseline_R@0.5={d['baseline']['R@0.5']:.3f} "
+        f"baseline_P@0.5={d['baseline']['P@0.5']:.3f} coords_R@0.5={coords['R@0.5']:.3f} mAP={d['mAP']:.3f}",
         flush=True,
     )
     return 0
+
+
+def sweep(args: argparse.Namespace, model: Path, coords_model: Path, shards: dict, init: Path) -> None:
+    """R/P of both models as objects per image grow, and the ablation without ConvNeXt object features."""
+    rows = []
+    for n_objects in (1, 3, 6, 10):
+        folder = args.work / f"sweep-{n_objects}"
+        annotations = fixed_count_scenes(
+            folder / "scenes", args.sweep_scenes, n_objects, seed=300 + n_objects
+        )
+        test = make_shards(annotations, folder / "shards", args.distractors, seed=300 + n_objects)
+        d = evaluate_retrieval(model, test, folder / "eval", tasks="detection")["metrics"]["all"]["detection"]
+        c = evaluate_coordinates(coords_model, test, args.threads)
+        objects = json.loads(annotations.read_text())
+        mean = len(objects["annotations"]) / max(1, len(objects["images"]))
+        rows.append((n_objects, mean, d, c))
+        print(
+            f"sweep {n_objects} objects (mean {mean:.2f} placed): retrieval R {d['R@0.5']} P {d['P@0.5']} | "
+            f"coordinates R {c['R@0.5']} P {c['P@0.5']} | baseline R {d['baseline']['R@0.5']} "
+            f"P {d['baseline']['P@0.5']} | oracle R {d['oracle_R@0.5']}",
+            flush=True,
+        )
+    ablation = build_small_chatrex(args.work / "ablation-init", object_features="box")
+    pretrain_region_encoder(ablation, shards["train"], args.region_steps)
+    prepare(
+        ablation,
+        shards["train"],
+        args,
+        {"detect": 4.0, "detect_many": 1.0, "region": 1.0, "count": 0.5},
+        False,
+    )
+    ablated = train_retrieval(ablation, shards["train"], args.work / "ablation", args)
+    a = evaluate_retrieval(ablated, shards["test"], args.work / "ablation-eval")["metrics"]["all"][
+        "detection"
+    ]
+    print(
+        f"ablation without ConvNeXt object features (box embedding only): R {a['R@0.5']} P {a['P@0.5']} "
+        f"mAP {a['mAP']}",
+        flush=True,
+    )
+    (args.work / "sweep.json").write_text(
+        json.dumps({"by_objects": [list(r) for r in rows], "ablation_box_only": a}, indent=2, default=str)
+    )
 
 
 if __name__ == "__main__":

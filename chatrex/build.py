@@ -10,13 +10,15 @@ from engine.models import resolve_model
 
 def assemble_from_parts(parts: PartsConfig, out_dir: Path) -> Path:
     """Build a new ChatRex from pretrained parts (paper: CLIP-L/14-336, ConvNeXt-L, an LLM) and save it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, ConvNextModel
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from chatrex.modeling import ChatRexForConditionalGeneration
     from chatrex.processor import ChatRexProcessor
 
     vision = _vision_tower(parts.vision)
-    convnext = ConvNextModel.from_pretrained(parts.convnext)
+    # an HF ConvNeXt (ImageNet) or a timm one through transformers' TimmWrapperModel (the paper's LAION CLIP
+    # ConvNeXt); each is normalised with its own image processor's statistics
+    convnext = AutoModel.from_pretrained(parts.convnext)
     tokenizer = AutoTokenizer.from_pretrained(parts.llm)
     llm = AutoModelForCausalLM.from_pretrained(parts.llm)
     model = ChatRexForConditionalGeneration.from_parts(
@@ -28,11 +30,30 @@ def assemble_from_parts(parts: PartsConfig, out_dir: Path) -> Path:
         low_res_size=parts.low_res_size,
         high_res_size=parts.high_res_size,
     )
-    processor = ChatRexProcessor.from_model_config(tokenizer, model.config)
+    processor = ChatRexProcessor.from_model_config(
+        tokenizer,
+        model.config,
+        **_pixel_statistics(parts.vision, "low_res"),
+        **_pixel_statistics(parts.convnext, "high_res"),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def _pixel_statistics(name: str, prefix: str) -> dict[str, list[float]]:
+    """The part's own image-processor mean/std (each encoder normalises as it was trained); {} if none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        return {}
+    data_config = getattr(image_processor, "data_config", None) or {}  # timm's processor keeps them here
+    mean = getattr(image_processor, "image_mean", None) or data_config.get("mean")
+    std = getattr(image_processor, "image_std", None) or data_config.get("std")
+    return {f"{prefix}_mean": list(mean), f"{prefix}_std": list(std)} if mean and std else {}
 
 
 def _vision_tower(name: str) -> object:

@@ -1,9 +1,9 @@
 """Rexverse records from COCO-format ground truth, so COCO datasets train and evaluate like engine shards.
 
 Region text fields are written from the annotation (category, and optional `attributes` such as colour and
-size, as the fixture generator writes them), and a position word from the box. Optional class-agnostic
-proposals come from a COCO detection-results file or as random distractor boxes (for the benchmark, where
-"chance" means picking random input boxes).
+size, as the fixture generator writes them), and a position word from the box. Class-agnostic proposals
+come from a COCO detection-results file, or from the synthetic proposal model of `chatrex/proposals.py`
+(synthetic benchmark scenes only); never from the annotations.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from chatrex.proposals import load_proposals, synthetic_proposals
 from engine.images import DecodeLimits, decode
 from schemas import SCHEMA_VERSION
 
@@ -33,21 +34,6 @@ def position_word(box: list[float], width: int, height: int) -> str:
     if vertical == "middle":
         return f"on the {horizontal}"
     return f"at the {vertical} {horizontal}"
-
-
-def random_boxes(rng: random.Random, width: int, height: int, count: int) -> list[dict[str, Any]]:
-    """`count` random boxes inside the image, 5-50% of each side, with random scores."""
-    boxes = []
-    for _ in range(count):
-        w, h = rng.uniform(0.05, 0.5) * width, rng.uniform(0.05, 0.5) * height
-        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        boxes.append(
-            {
-                "box": [round(x0, 2), round(y0, 2), round(x0 + w, 2), round(y0 + h, 2)],
-                "score": round(rng.random(), 4),
-            }
-        )
-    return boxes
 
 
 def _region_text(
@@ -139,26 +125,19 @@ def record_from_coco_image(
     return record, decoded.data
 
 
-def load_proposals(path: Path | None) -> dict[int, list[dict[str, Any]]]:
-    """COCO detection results ([{image_id, bbox, score}]) -> class-agnostic proposals per image id."""
-    if path is None:
-        return {}
-    result: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for det in json.loads(Path(path).read_text()):
-        x, y, w, h = det["bbox"]
-        result[det["image_id"]].append({"box": [x, y, x + w, y + h], "score": float(det.get("score", 1.0))})
-    return result
-
-
 def iter_coco_records(
     coco_json: Path,
     images_dir: Path | None = None,
     proposals_json: Path | None = None,
-    distractors: int = 0,
+    synthetic_distractors: int | None = None,
     seed: int = 0,
     limit: int | None = None,
 ):
-    """(record, image bytes) for every image of a COCO file (stable order, boxes clipped to the image)."""
+    """(record, image bytes) for every image of a COCO file (stable order, boxes clipped to the image).
+
+    Proposals: the detections file's boxes for the image, plus, when `synthetic_distractors` is not None,
+    the synthetic proposal model's boxes with that many distractors (seeded by `seed` and the image id).
+    """
     coco = json.loads(Path(coco_json).read_text())
     images_dir = Path(images_dir) if images_dir else Path(coco_json).parent
     categories = {c["id"]: c["name"] for c in coco["categories"]}
@@ -173,10 +152,11 @@ def iter_coco_records(
         path = images_dir / image["file_name"]
         data = path.read_bytes()
         proposals = list(external.get(image["id"], []))
-        if distractors:
-            rng = random.Random(f"{seed}:{image['id']}")
-            proposals += random_boxes(rng, image["width"], image["height"], distractors)
         width, height = image["width"], image["height"]
+        if synthetic_distractors is not None:
+            rng = random.Random(f"{seed}:{image['id']}")
+            objects = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in by_image[image["id"]])]
+            proposals += synthetic_proposals(objects, width, height, synthetic_distractors, rng)
         proposals = [
             {
                 "box": [

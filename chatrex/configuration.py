@@ -48,6 +48,8 @@ class ChatRexConfig(PreTrainedConfig):
         roi_pooling: "mean" averages each stage's RoI grid into one vector (compact; pretrained ConvNeXt
             channels already say what an object is); "flatten" keeps the grid (C x S x S per stage), which
             a small or from-scratch encoder needs to see an object's shape.
+        object_features: "roi" (RoIAlign of the ConvNeXt stages + box embedding, the paper) or "box" (the box
+            embedding alone: the ablation without high-resolution object features).
         box_embed_dim: size of the sin-cos embedding of a box's 4 normalised coordinates (multiple of 8).
         projector_hidden_act: activation of both projector MLPs.
         image_token_id: id of `<image>`, the placeholder replaced by one image token each.
@@ -80,6 +82,7 @@ class ChatRexConfig(PreTrainedConfig):
     roi_stages: list[int] | None = None
     roi_output_size: int = 7
     roi_pooling: str = "mean"
+    object_features: str = "roi"
     box_embed_dim: int = 256
     projector_hidden_act: str = "gelu"
     image_token_id: int | None = None
@@ -146,6 +149,8 @@ class ChatRexConfig(PreTrainedConfig):
             )
         if self.roi_pooling not in ("mean", "flatten"):
             raise ValueError(f"roi_pooling must be 'mean' or 'flatten', got {self.roi_pooling!r}")
+        if self.object_features not in ("roi", "box"):
+            raise ValueError(f"object_features must be 'roi' or 'box', got {self.object_features!r}")
         if self.box_embed_dim % 8:
             raise ValueError(
                 f"box_embed_dim must be a multiple of 8 (sin+cos per coordinate), got {self.box_embed_dim}"

@@ -48,11 +48,12 @@ def training_sample(
     epoch: int,
     max_boxes: int,
     weights: dict[str, float] | None = None,
+    candidates: str = "mixed",
 ) -> dict[str, Any] | None:
     """One encoded (image, boxes, question, answer) sample of the task mix, or None if the record has none."""
     record, image = decode_row(row)
     rng = random.Random(sample_seed(seed, epoch, record["key"]))
-    drawn = sample_task(record, rng, min(max_boxes, processor.num_object_tokens), weights)
+    drawn = sample_task(record, rng, min(max_boxes, processor.num_object_tokens), weights, candidates)
     if drawn is None:
         return None
     boxes, task = drawn

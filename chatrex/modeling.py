@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ChatRexForConditionalGeneration", "ChatRexPreTrainedModel", "sincos_box_embedding"]
 
-Stage = Literal["alignment", "full"]
+Stage = Literal["alignment", "perception", "joint"]
 
 
 def sincos_box_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -92,7 +92,9 @@ class ChatRexObjectEncoder(nn.Module):
         self.box_embed_dim = config.box_embed_dim
         self.flatten = config.roi_pooling == "flatten"
         cells = config.roi_output_size**2 if self.flatten else 1
+        self.use_roi = config.object_features == "roi"
         channels = sum(config.convnext_config.hidden_sizes[s - 1] for s in config.roi_stages) * cells
+        channels = channels if self.use_roi else 0
         self.projector = ChatRexProjector(
             channels + config.box_embed_dim, config.text_config.hidden_size, config.projector_hidden_act
         )
@@ -105,7 +107,7 @@ class ChatRexObjectEncoder(nn.Module):
         )
         rois = torch.cat([batch_index[:, None], flat * image_size], dim=1)
         pooled = []
-        for fmap in feature_maps:
+        for fmap in feature_maps if self.use_roi else []:
             # roi_align in float32: low-precision kernels are missing on some devices and cost nothing here.
             region = roi_align(
                 fmap.float(),
@@ -169,6 +171,7 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         the new rows around the mean of the old ones with the old rows' spread (`_extend_embeddings`).
         Projectors start random. `config_kwargs` go to `ChatRexConfig` (sizes, roi_stages, ...).
         """
+        describe_timm_stages(high_res_encoder)
         ids = add_chatrex_tokens(tokenizer, num_object_tokens)
         _extend_embeddings(language_model, ids["new_token_start_id"], ids["new_token_end_id"])
         config = ChatRexConfig(
@@ -214,7 +217,9 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         convnext = self.high_res_encoder(
             pixel_values=pixel_values_high.to(self.high_res_encoder.dtype), output_hidden_states=True
         )
-        stages = convnext.hidden_states  # (embeddings, stage 1, ..., stage S)
+        stages = convnext.hidden_states  # HF ConvNeXt: (embeddings, stage 1, ..., stage S)
+        if len(stages) == len(self.config.convnext_config.hidden_sizes):  # timm: (stage 1, ..., stage S)
+            stages = (None, *stages)
         last = stages[-1]
         if low.shape[1] != grid * grid or tuple(last.shape[-2:]) != (grid, grid):
             raise ValueError(
@@ -287,10 +292,14 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        answer_logits_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """LM loss over positions whose label is not -100 (the processor labels only the answer).
 
+        `answer_logits_only=True` (training) applies the LM head only where a label is kept, and `logits`
+        then holds just those rows (n_labelled, vocab): the same loss, without the (batch x sequence x vocab)
+        logits of the prompt, which dominate a step's cost with a 150k vocabulary and a short answer.
         Other keywords (a KV cache as `cache`, attention options) go to the language model unchanged.
         """
         if inputs_embeds is None:
@@ -303,6 +312,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         if position_ids is None and attention_mask is not None and not has_cache:
             # Positions count real tokens only, so left- and right-padded batches give the same logits.
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        if answer_logits_only and labels is not None:
+            return self._answer_only_loss(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -311,6 +322,18 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
+        )
+
+    def _answer_only_loss(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        labels: torch.Tensor,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        return answer_only_loss(
+            self.language_model, inputs_embeds, attention_mask, labels, position_ids=position_ids, **kwargs
         )
 
     @torch.no_grad()
@@ -347,15 +370,16 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
 
     # ---------------------------------------------------------------------------------------- training
 
-    def set_trainable(self, stage: Stage, train_vision: bool = False) -> None:
-        """Freeze for one of the paper's two training stages.
+    def set_trainable(self, stage: Stage, train_vision: bool | None = None) -> None:
+        """Freeze for one of the paper's three training stages (§3.3).
 
         - "alignment": only the vision projector, the object encoder's projector and the embedding and
           LM-head rows of the new ChatRex tokens train. The rows are selected with gradient hooks that zero
           the gradient of every old row of those weight matrices, so the checkpoint keeps its usual layout.
           Consequence for optimizers: no weight decay on those two matrices (`optimizer_param_groups` does
           it); with zero gradients Adam(W) leaves the old rows exactly unchanged.
-        - "full": everything trains except the two vision encoders (unless `train_vision`).
+        - "perception" and "joint": everything trains, the vision encoders included (as in the paper).
+        `train_vision` overrides whether the two vision encoders train (default: no in alignment, yes else).
 
         Call it before wrapping the model in DDP (Ray Train's `prepare_model`): the hooks live on the
         parameters, which DDP keeps. FSDP replaces parameters, so row hooks do not survive it.
@@ -375,15 +399,13 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
                 self._row_mask_hooks.append(
                     weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad))
                 )
-        elif stage == "full":
+        elif stage in ("perception", "joint"):
             self.requires_grad_(True)
-            self.vision_tower.requires_grad_(False)
-            self.high_res_encoder.requires_grad_(False)
         else:
-            raise ValueError(f"unknown training stage {stage!r}; use 'alignment' or 'full'")
-        if train_vision:
-            self.vision_tower.requires_grad_(True)
-            self.high_res_encoder.requires_grad_(True)
+            raise ValueError(f"unknown training stage {stage!r}; use 'alignment', 'perception' or 'joint'")
+        vision = stage != "alignment" if train_vision is None else train_vision
+        self.vision_tower.requires_grad_(vision)
+        self.high_res_encoder.requires_grad_(vision)
 
     def _token_row_weights(self) -> list[nn.Parameter]:
         """Input embedding and LM head weights, once each (they are one tensor when the LLM ties them)."""
@@ -407,6 +429,42 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
             (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
+
+
+def answer_only_loss(
+    language_model: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    **kwargs: Any,
+) -> CausalLMOutputWithPast:
+    """Mean next-token cross-entropy over kept labels (!= -100), the LM head applied only at those positions.
+
+    Equal to the causal LM's own loss; `logits` holds the (n_kept, vocab) rows that were computed.
+    """
+    hidden = language_model.get_decoder()(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **kwargs
+    ).last_hidden_state
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    logits = language_model.get_output_embeddings()(hidden[:, :-1][keep])
+    loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+    return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def describe_timm_stages(encoder: PreTrainedModel) -> None:
+    """Give a timm ConvNeXt (transformers' `TimmWrapperModel`, e.g. the LAION CLIP ConvNeXt the paper uses)
+    the two config fields ChatRex reads from HF ConvNeXt configs: `hidden_sizes` (channels per stage) and
+    `patch_size` (the stem's stride), taken from timm's `feature_info`. Other encoders are left alone."""
+    if getattr(encoder.config, "model_type", "") != "timm_wrapper":
+        return
+    info = encoder.timm_model.feature_info
+    info = info.info if hasattr(info, "info") else info
+    encoder.config.hidden_sizes = [int(f["num_chs"]) for f in info]
+    encoder.config.patch_size = int(info[0]["reduction"])
+    pretrained = getattr(encoder.timm_model, "pretrained_cfg", None) or {}
+    if pretrained.get("mean") and getattr(encoder.config, "pretrained_cfg", None) is None:
+        encoder.config.pretrained_cfg = {"mean": list(pretrained["mean"]), "std": list(pretrained["std"])}
 
 
 def _extend_embeddings(language_model: PreTrainedModel, start: int, end: int) -> None:

@@ -92,6 +92,30 @@ IGNORE_INDEX = -100
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def encoder_statistics(encoder_config: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The pixel mean/std an encoder was trained with, from its config type (no image processor needed).
+
+    Each encoder must see pixels normalised as in its own pre-training: HF ConvNeXt checkpoints are ImageNet
+    models, CLIP towers (OpenAI and LAION, incl. the LAION CLIP ConvNeXt as a timm model) use the CLIP
+    statistics, SigLIP 0.5/0.5. A timm config's own `pretrained_cfg` mean/std wins when present.
+    """
+    model_type = getattr(encoder_config, "model_type", "")
+    if model_type == "timm_wrapper":
+        pretrained = getattr(encoder_config, "pretrained_cfg", None) or {}
+        if pretrained.get("mean") and pretrained.get("std"):
+            return tuple(pretrained["mean"]), tuple(pretrained["std"])
+        return CLIP_MEAN, CLIP_STD
+    if model_type == "convnext":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if model_type.startswith("siglip"):
+        return SIGLIP_MEAN, SIGLIP_STD
+    return CLIP_MEAN, CLIP_STD
+
 
 PROCESSOR_CONFIG_NAME = "chatrex_processor.json"
 
@@ -190,14 +214,27 @@ class ChatRexProcessor:
     def from_model_config(
         cls, tokenizer: PreTrainedTokenizerBase, config: ChatRexConfig, **kwargs: Any
     ) -> ChatRexProcessor:
-        """A processor whose sizes and token counts match `config` (what `from_parts` builders use)."""
+        """A processor whose sizes and token counts match `config` (what `from_parts` builders use).
+
+        Each encoder's pixel statistics default to those of its type (`encoder_statistics`); pass
+        `low_res_mean`/`low_res_std`/`high_res_mean`/`high_res_std` from the parts' own image processors
+        when they are at hand (`chatrex.build` does).
+        """
+        low_mean, low_std = encoder_statistics(config.vision_config)
+        high_mean, high_std = encoder_statistics(config.convnext_config)
+        stats = {
+            "low_res_mean": low_mean,
+            "low_res_std": low_std,
+            "high_res_mean": high_mean,
+            "high_res_std": high_std,
+        }
         return cls(
             tokenizer,
             num_object_tokens=config.num_object_tokens,
             num_image_tokens=config.num_image_tokens,
             low_res_size=config.low_res_size,
             high_res_size=config.high_res_size,
-            **kwargs,
+            **(stats | kwargs),
         )
 
     def to_dict(self) -> dict[str, Any]:

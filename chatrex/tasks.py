@@ -10,7 +10,13 @@ question and answer over those boxes:
 - region understanding at four granularities, given an index: category, short phrase, referring
   expression, one-sentence description;
 - brief grounded caption: the caption with its grounded phrases pointing at indices;
-- counting: how many regions of a category, with the grounding.
+- counting: how many regions of a category, with the grounding;
+- image caption (no boxes): the record's caption in words, for the alignment stage's image-caption pairs.
+
+Which tasks a training stage draws is `STAGE_WEIGHTS` (paper §3.3, App. B.2): `alignment` image-caption
+pairs; `perception` detection, phrase and referring grounding, region understanding (and counting);
+`joint` the perception mix plus grounded captioning. The paper's joint stage also has grounded
+conversations; no Rexverse record carries one yet, so the joint mix has none.
 
 Question templates are module constants, shared by training and evaluation. Records are tiered (schema
 1.2): every region has a category, the other texts only where they passed their checks, so each task draws
@@ -42,18 +48,24 @@ REGION_QUESTIONS = {
     "description": "Describe <obj{index}> in one sentence.",
 }
 CAPTION_QUESTION = "Briefly describe the image and ground the objects you mention."
+IMAGE_CAPTION_QUESTION = "Briefly describe the image."
 COUNT_QUESTION = "How many {category} are in the image?"
 
-TASKS = ("detect", "detect_many", "phrase", "refer", "region", "caption", "count")
-DEFAULT_WEIGHTS = {
+TASKS = ("detect", "detect_many", "phrase", "refer", "region", "caption", "count", "image_caption")
+PERCEPTION_WEIGHTS = {
     "detect": 3.0,
     "detect_many": 1.0,
     "phrase": 1.0,
     "refer": 1.0,
     "region": 2.0,
-    "caption": 1.0,
     "count": 0.5,
 }
+STAGE_WEIGHTS = {
+    "alignment": {"image_caption": 1.0},
+    "perception": PERCEPTION_WEIGHTS,
+    "joint": PERCEPTION_WEIGHTS | {"caption": 1.5},
+}
+DEFAULT_WEIGHTS = STAGE_WEIGHTS["joint"]
 
 
 @dataclass
@@ -73,9 +85,22 @@ class TaskSample:
 
 
 def mix_boxes(
-    record: dict[str, Any], max_boxes: int, rng: random.Random, duplicate_iou: float = 0.7
+    record: dict[str, Any],
+    max_boxes: int,
+    rng: random.Random,
+    duplicate_iou: float = 0.7,
+    candidates: str = "mixed",
 ) -> InputBoxes:
-    """Regions (all, up to `max_boxes`) plus non-duplicate proposals, shuffled; regions never fall out."""
+    """Regions (all, up to `max_boxes`) plus non-duplicate proposals, shuffled; regions never fall out.
+
+    `candidates="proposals"` instead shows the proposals only (as evaluation does) and lets each region be
+    answered by the proposal a one-to-one matching at IoU >= 0.5 assigns to it (regions without one are
+    left out of the questions): training on the candidate distribution the evaluation sees.
+    """
+    if candidates == "proposals":
+        return assign_proposals(record, max_boxes, rng)
+    if candidates != "mixed":
+        raise ValueError(f"candidates must be 'mixed' or 'proposals', got {candidates!r}")
     regions = list(record.get("regions", []))[:max_boxes]
     proposals = sorted(record.get("proposals", []), key=lambda p: -p.get("score", 0.0))
     if regions and proposals:
@@ -87,6 +112,19 @@ def mix_boxes(
     region_index = {item["id"]: i for i, (kind, item) in enumerate(entries) if kind == "region"}
     scores = [float(item.get("score", 1.0)) for _, item in entries]
     return InputBoxes([list(map(float, item["box"])) for _, item in entries], scores, region_index)
+
+
+def assign_proposals(record: dict[str, Any], max_boxes: int, rng: random.Random) -> InputBoxes:
+    """Proposals only, shuffled, at most `max_boxes`; each region -> its matched proposal (IoU >= 0.5)."""
+    from chatrex.metrics import match_pairs
+
+    proposals = sorted(record.get("proposals", []), key=lambda p: -p.get("score", 0.0))[:max_boxes]
+    proposals = rng.sample(proposals, k=len(proposals))
+    boxes = [list(map(float, p["box"])) for p in proposals]
+    regions = list(record.get("regions", []))
+    pairs = match_pairs(boxes, [list(map(float, r["box"])) for r in regions])
+    region_index = {regions[j]["id"]: i for i, j in pairs}
+    return InputBoxes(boxes, [float(p.get("score", 0.0)) for p in proposals], region_index)
 
 
 def _by_category(record: dict[str, Any], boxes: InputBoxes) -> dict[str, list[int]]:
@@ -104,6 +142,9 @@ def detection_answer(categories: Sequence[str], groups: dict[str, list[int]]) ->
 
 def make_task(task: str, record: dict[str, Any], boxes: InputBoxes, rng: random.Random) -> TaskSample | None:
     """One sample of `task`, or None when the record cannot support it (e.g. no regions)."""
+    if task == "image_caption":
+        text = (record.get("caption") or {}).get("text", "")
+        return TaskSample(task, IMAGE_CAPTION_QUESTION, text) if text else None
     regions = [r for r in record.get("regions", []) if r["id"] in boxes.region_index]
     groups = _by_category(record, boxes)
     if not regions:
@@ -162,16 +203,26 @@ def caption_task(record: dict[str, Any], boxes: InputBoxes) -> TaskSample | None
 
 
 def sample_task(
-    record: dict[str, Any], rng: random.Random, max_boxes: int, weights: dict[str, float] | None = None
+    record: dict[str, Any],
+    rng: random.Random,
+    max_boxes: int,
+    weights: dict[str, float] | None = None,
+    candidates: str = "mixed",
 ) -> tuple[InputBoxes, TaskSample] | None:
-    """Input boxes and one task drawn by weight (falling back to other tasks the record supports)."""
-    boxes = mix_boxes(record, max_boxes, rng)
+    """Input boxes and one task drawn by weight (falling back to other tasks the record supports).
+
+    Image captions come without boxes (the alignment stage's image-caption pairs).
+    """
+    boxes = mix_boxes(record, max_boxes, rng, candidates=candidates)
     weights = weights or DEFAULT_WEIGHTS
+    unknown = set(weights) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
     names = [t for t in TASKS if weights.get(t, 0) > 0]
     while names:
         task = rng.choices(names, weights=[weights[t] for t in names])[0]
         sample = make_task(task, record, boxes, rng)
         if sample is not None:
-            return boxes, sample
+            return (InputBoxes([], [], {}) if task == "image_caption" else boxes), sample
         names.remove(task)
     return None

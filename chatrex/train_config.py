@@ -22,17 +22,36 @@ class PartsConfig(Strict):
 
 
 class StageConfig(Strict):
-    """One training stage of the paper: `alignment` (projectors + new token rows) or `full`."""
+    """One training stage of the paper (§3.3, App. B.2).
 
-    name: Literal["alignment", "full"]
+    - `alignment`: image-caption pairs; the projectors and the new token rows train.
+    - `perception`: detection, phrase/referring grounding, region understanding; vision encoders, projectors
+      and LLM train.
+    - `joint`: the perception mix plus grounded captioning; same parameters as `perception`.
+    `task_weights` overrides the stage's default task mix (`chatrex.tasks.STAGE_WEIGHTS`); `train_vision`
+    overrides whether the vision encoders train (default: not in alignment, yes in the other two).
+    """
+
+    name: Literal["alignment", "perception", "joint"]
     steps: int = Field(ge=1)
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
-    train_vision: bool = False
-    lora: bool = False  # full stage only: LoRA adapters on the LLM instead of training all of it
-    # ddp replicates the model per worker; fsdp shards it (needed for 7B LLMs, GPUs only, full stage only:
+    train_vision: bool | None = None
+    task_weights: dict[str, float] | None = None
+    lora: bool = False  # perception/joint only: LoRA adapters on the LLM instead of training all of it
+    # ddp replicates the model per worker; fsdp shards it (needed for 7B LLMs, GPUs only, not in alignment:
     # the alignment stage trains single token rows through gradient hooks that FSDP's flat params lose)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @property
+    def vision_trains(self) -> bool:
+        return self.name != "alignment" if self.train_vision is None else self.train_vision
+
+    @property
+    def weights(self) -> dict[str, float]:
+        from chatrex.tasks import STAGE_WEIGHTS
+
+        return self.task_weights or STAGE_WEIGHTS[self.name]
 
 
 class LoraConfig(Strict):
@@ -61,7 +80,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     max_boxes: int = Field(100, ge=1)
-    task_weights: dict[str, float] | None = None
+    # input boxes in training: "mixed" = regions + proposals (the paper); "proposals" = proposals only, each
+    # region answered by its matched proposal (the evaluation's candidate distribution)
+    candidates: Literal["mixed", "proposals"] = "mixed"
     seed: int = 0
     shuffle_buffer: int = Field(64, ge=0)
     log_every: int = Field(10, ge=1)
@@ -75,12 +96,21 @@ class TrainConfig(Strict):
         if self.model == "parts" and self.parts is None:
             raise ValueError("model: parts needs a `parts` section (vision, convnext, llm)")
         for stage in self.stages:
-            if stage.lora and stage.name != "full":
-                raise ValueError("lora applies to the full stage only")
+            if stage.lora and stage.name == "alignment":
+                raise ValueError("lora applies to the perception and joint stages only")
+            if stage.task_weights:
+                from chatrex.tasks import TASKS
+
+                unknown = set(stage.task_weights) - set(TASKS)
+                if unknown:
+                    raise ValueError(
+                        f"stage {stage.name}: unknown tasks {sorted(unknown)}; choose from {TASKS}"
+                    )
             if stage.strategy == "fsdp" and (stage.name == "alignment" or stage.lora):
                 raise ValueError(
-                    "fsdp is for the full stage without LoRA: the alignment stage (and LoRA's token rows) "
-                    "train single embedding rows through gradient hooks that FSDP's flat parameters lose"
+                    "fsdp is for the perception/joint stages without LoRA: the alignment stage (and LoRA's "
+                    "token rows) train single embedding rows through gradient hooks that FSDP's flat "
+                    "parameters lose"
                 )
         return self
 

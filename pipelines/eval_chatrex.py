@@ -1,17 +1,20 @@
-"""Evaluate ChatRex with Ray Data batch inference: detection P/R/F1@0.5 (+ COCO mAP), referring, naming.
+"""Evaluate ChatRex with Ray Data batch inference: detection P/R/F1@0.5 + mAP, referring, naming.
 
-    python pipelines/eval_chatrex.py --model out/chatrex/model --shards out/fixture/shards --output out/eval
+    python pipelines/eval_chatrex.py --model out/chatrex/model --shards out/shards --output out/eval
     python pipelines/eval_chatrex.py --model out/chatrex/model --coco gt.json --proposals dets.json --output o
 
-Detection follows the paper: each image is asked for each of its ground-truth categories ("Detect every
-cat in the image."); the indices in the answer select input boxes, which are matched one-to-one to the
-category's ground-truth boxes at IoU 0.5. Referring: the first box of the answer to "Which object is
-<referring expression>?" must overlap the region by IoU 0.5. Naming: "What is <objN>?" must give the
-category name.
-`chance_R@0.5` is the recall of picking as many input boxes at random as the category has ground truth.
+Candidate boxes come from a proposal source only, never from the annotations: the shards' `proposals`, a
+COCO detection-results file (`--proposals`; `pipelines/export_proposals.py` writes one from shards), or, for
+the synthetic benchmark scenes only, `--synthetic-proposals` (the stand-in proposal model of
+`chatrex/proposals.py`). A candidate equal to an annotated box is dropped (and counted) in every case.
 
-Input boxes: `--boxes mixed` (default for shards) shows the record's regions mixed with its proposals, as in
-training; `--boxes proposals` shows only the proposals (default with --proposals), the paper's setting.
+Detection follows the paper: each image is asked for each of its ground-truth categories ("Detect every
+cat in the image."); the indices in the answer select candidates, matched one-to-one to the category's
+ground-truth boxes at IoU 0.5. Beside the model, on the same candidates: random-k, category-blind baselines
+and the oracle (`chatrex/scoring.py`). mAP ranks the answered boxes by the model's probability of each
+`<objN>` token. Referring: the first box of the answer to "Which object is <referring expression>?" must
+overlap the region by IoU 0.5. Naming: "What is <objN>?" about the candidate that best covers a region (IoU
+>= 0.5) must give the category name.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import io
 import json
 import logging
 import os
-import random
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,12 +33,10 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatrex.data import sample_seed  # noqa: E402
-from chatrex.metrics import DetectionCounts, coco_map, iou_at_least  # noqa: E402
-from chatrex.parsing import parse_answer, strip_tags  # noqa: E402
-from chatrex.tasks import DETECT_QUESTION, REFER_QUESTION, REGION_QUESTIONS, InputBoxes, mix_boxes  # noqa: E402
+from chatrex.proposals import drop_verbatim, iou_matrix  # noqa: E402
+from chatrex.scoring import score  # noqa: E402
+from chatrex.tasks import DETECT_QUESTION, REFER_QUESTION, REGION_QUESTIONS  # noqa: E402
 from engine.config import RayConfig  # noqa: E402
-from stages.text import parse_category  # noqa: E402
 
 log = logging.getLogger("rexverse.eval")
 TASKS = ("detection", "referring", "naming")
@@ -58,68 +58,54 @@ def records_from_shards(specs: list[str]) -> Iterator[tuple[dict[str, Any], byte
         yield record, bytes(next(row[k] for k in IMAGE_KEYS if row.get(k) is not None))
 
 
-def input_boxes(record: dict[str, Any], mode: str, max_boxes: int, seed: int) -> InputBoxes:
-    rng = random.Random(sample_seed(seed, 0, record["key"]))
-    if mode == "proposals":
-        proposals = sorted(record.get("proposals", []), key=lambda p: -p["score"])[:max_boxes]
-        return InputBoxes([p["box"] for p in proposals], [p["score"] for p in proposals], {})
-    return mix_boxes(record, max_boxes, rng)
+def candidates(record: dict[str, Any], max_boxes: int) -> tuple[list[list[float]], int]:
+    """The record's proposals by decreasing score, at most `max_boxes`, without any annotated box verbatim.
+
+    Returns the boxes and how many proposals were dropped for repeating an annotated box.
+    """
+    gt = [r["box"] for r in record.get("regions", [])]
+    kept, dropped = drop_verbatim(list(record.get("proposals", [])), gt)
+    kept = sorted(kept, key=lambda p: -float(p.get("score", 0.0)))[:max_boxes]
+    return [list(map(float, p["box"])) for p in kept], dropped
 
 
 def questions(
-    record: dict[str, Any], image: bytes, tasks: tuple[str, ...], mode: str, max_boxes: int, seed: int
-) -> list[dict[str, Any]]:
-    """Every evaluation question about one record, with what scoring needs."""
+    record: dict[str, Any], image: bytes, tasks: tuple[str, ...], max_boxes: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Every evaluation question about one record (with what scoring needs), and the verbatim drops."""
     base = {"key": record["key"], "dataset": record["source"].get("dataset", ""), "image": image}
-    shown = input_boxes(record, mode, max_boxes, seed)
+    boxes, dropped = candidates(record, max_boxes)
+    image_gt = [list(map(float, r["box"])) for r in record.get("regions", [])]
+    common = base | {"boxes": boxes, "image_gt_boxes": image_gt}
     items = []
-    if "detection" in tasks and shown.boxes:
+    if not boxes:
+        return items, dropped
+    if "detection" in tasks:
         by_category: dict[str, list[list[float]]] = defaultdict(list)
         for region in record["regions"]:
-            by_category[region["category"]].append(region["box"])
+            by_category[region["category"]].append(list(map(float, region["box"])))
         for category in sorted(by_category):
             items.append(
-                base
+                common
                 | {
                     "task": "detection",
                     "question": DETECT_QUESTION.format(category=category),
-                    "boxes": shown.boxes,
-                    "scores": shown.scores,
                     "category": category,
                     "gt_boxes": by_category[category],
                     "gt_box": [],
                 }
             )
-    mixed = shown if mode == "mixed" else input_boxes(record, "mixed", max_boxes, seed)
-    for region in record["regions"]:
-        if "referring" in tasks and shown.boxes and region.get("referring"):  # tiered records: maybe null
-            items.append(
-                base
-                | {
-                    "task": "referring",
-                    "question": REFER_QUESTION.format(referring=region["referring"]),
-                    "boxes": shown.boxes,
-                    "scores": shown.scores,
-                    "category": region["category"],
-                    "gt_boxes": [],
-                    "gt_box": region["box"],
-                }
-            )
-        if "naming" in tasks and region["id"] in mixed.region_index:
-            index = mixed.region_index[region["id"]]
-            items.append(
-                base
-                | {
-                    "task": "naming",
-                    "question": REGION_QUESTIONS["category"].format(index=index),
-                    "boxes": mixed.boxes,
-                    "scores": mixed.scores,
-                    "category": region["category"],
-                    "gt_boxes": [],
-                    "gt_box": region["box"],
-                }
-            )
-    return items
+    ious = iou_matrix(boxes, image_gt)
+    for n, region in enumerate(record["regions"]):
+        extra = {"category": region["category"], "gt_boxes": [], "gt_box": list(map(float, region["box"]))}
+        if "referring" in tasks and region.get("referring"):  # tiered records: the tier may be null
+            question = REFER_QUESTION.format(referring=region["referring"])
+            items.append(common | extra | {"task": "referring", "question": question})
+        best = int(ious[:, n].argmax())
+        if "naming" in tasks and float(ious[best, n]) >= 0.5:
+            question = REGION_QUESTIONS["category"].format(index=best)
+            items.append(common | extra | {"task": "naming", "question": question})
+    return items, dropped
 
 
 # --- inference -------------------------------------------------------------------------------------------
@@ -155,9 +141,40 @@ class ChatRexPredictor:
             for k, v in inputs.items()
         }
         with torch.inference_mode():
-            generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        answers = self.processor.batch_decode(generated)
-        return {"qid": np.asarray(batch["qid"]), "answer": np.asarray(answers, dtype=object)}
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        answers = self.processor.batch_decode(out.sequences)
+        scores = [json.dumps(s) for s in index_confidences(out.sequences, out.scores, self.model.config)]
+        return {
+            "qid": np.asarray(batch["qid"]),
+            "answer": np.asarray(answers, dtype=object),
+            "index_scores": np.asarray(scores, dtype=object),
+        }
+
+
+def index_confidences(sequences: Any, step_scores: Any, config: Any) -> list[dict[str, float]]:
+    """Per answer, {index: probability the model gave its `<objN>` token} at the first time it named it.
+
+    `step_scores` are generate's per-step logits (B, vocab); the softmax over the vocabulary at that step is
+    the model's confidence in naming that box, which ranks the boxes for mAP.
+    """
+    import torch
+
+    start, count = config.object_index_start_id, config.num_object_tokens
+    probs = torch.stack([s.float().softmax(-1) for s in step_scores], dim=1)  # (B, steps, vocab)
+    chosen = probs.gather(-1, sequences[:, : probs.shape[1], None]).squeeze(-1)
+    result = []
+    for row, tokens in enumerate(sequences[:, : probs.shape[1]].tolist()):
+        found: dict[str, float] = {}
+        for step, token in enumerate(tokens):
+            if start <= token < start + count:
+                found.setdefault(str(token - start), round(float(chosen[row, step]), 6))
+        result.append(found)
+    return result
 
 
 def predict(items: list[dict[str, Any]], model_dir: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -175,126 +192,85 @@ def predict(items: list[dict[str, Any]], model_dir: str, args: argparse.Namespac
         num_cpus=args.cpus_per_actor,
         num_gpus=args.gpus_per_actor,
     )
-    answers = {int(row["qid"]): str(row["answer"]) for row in ds.take_all()}
-    return [item | {"answer": answers[item["qid"]]} for item in items]
+    answers = {int(row["qid"]): (str(row["answer"]), str(row["index_scores"])) for row in ds.take_all()}
+    return [
+        item | {"answer": answers[item["qid"]][0], "index_scores": json.loads(answers[item["qid"]][1])}
+        for item in items
+    ]
 
 
-# --- scoring ---------------------------------------------------------------------------------------------
-
-
-def score(predictions: list[dict[str, Any]], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics per dataset (and 'all'), and the per-question records written to predictions.jsonl."""
-    rng = random.Random(seed)
-    det, chance = defaultdict(DetectionCounts), defaultdict(DetectionCounts)
-    hits: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    coco_gt: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
-    detections: list[dict[str, Any]] = []
-    image_ids: dict[str, int] = {}
-    category_ids: dict[str, int] = {}
-    scored_all_boxes = True
-    rows = []
-    for p in predictions:
-        boxes = [list(map(float, b)) for b in p["boxes"]]
-        groups = parse_answer(p["answer"], len(boxes))
-        indices = [i for g in groups for i in g.indices]
-        row = {
-            "key": p["key"],
-            "task": p["task"],
-            "question": p["question"],
-            "answer": p["answer"],
-            "indices": indices,
-        }
-        gt = [list(map(float, b)) for b in p["gt_boxes"]]
-        guess = rng.sample(range(len(boxes)), k=min(len(gt), len(boxes))) if p["task"] == "detection" else []
-        for dataset in (p["dataset"], "all"):
-            if p["task"] == "detection":
-                picked = [boxes[i] for i in dict.fromkeys(indices)]
-                det[dataset].add(picked, gt)
-                chance[dataset].add([boxes[i] for i in guess], gt)
-            elif p["task"] == "referring":
-                top = boxes[indices[0]] if indices else None
-                hits["referring"][dataset].append(iou_at_least(top, list(map(float, p["gt_box"]))))
-            else:
-                name = parse_category(strip_answer(p["answer"]), 4)
-                hits["naming"][dataset].append(name == p["category"].lower())
-        if p["task"] == "detection":
-            image_id = image_ids.setdefault(p["key"], len(image_ids) + 1)
-            category_id = category_ids.setdefault(p["category"], len(category_ids) + 1)
-            for box in p["gt_boxes"]:
-                x0, y0, x1, y1 = map(float, box)
-                coco_gt["annotations"].append(
-                    {
-                        "id": len(coco_gt["annotations"]) + 1,
-                        "image_id": image_id,
-                        "category_id": category_id,
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "area": (x1 - x0) * (y1 - y0),
-                        "iscrowd": 0,
-                    }
-                )
-            scores = list(p["scores"]) if len(p["scores"]) == len(boxes) else []
-            scored_all_boxes &= bool(scores) or not boxes
-            for i in dict.fromkeys(indices):
-                x0, y0, x1, y1 = boxes[i]
-                detections.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": category_id,
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": float(scores[i]) if scores else 1.0,
-                    }
-                )
-        rows.append(row)
-    coco_gt["images"] = [{"id": i} for i in image_ids.values()]
-    coco_gt["categories"] = [{"id": i, "name": n} for n, i in category_ids.items()]
-    metrics: dict[str, Any] = {}
-    for dataset in sorted(set(det) | set(hits["referring"]) | set(hits["naming"])):
-        entry: dict[str, Any] = {}
-        if dataset in det:
-            entry["detection"] = det[dataset].to_dict() | {
-                "chance_R@0.5": round(chance[dataset].recall, 4),
-                "chance_P@0.5": round(chance[dataset].precision, 4),
-            }
-        for task in ("referring", "naming"):
-            if hits[task].get(dataset):
-                values = hits[task][dataset]
-                entry[task] = {"accuracy": round(sum(values) / len(values), 4), "questions": len(values)}
-        metrics[dataset] = entry
-    if scored_all_boxes and detections:
-        metrics.setdefault("all", {}).setdefault("detection", {}).update(coco_map(coco_gt, detections))
-    return metrics, rows
-
-
-def strip_answer(answer: str) -> str:
-    return strip_tags(answer)
+# --- report --------------------------------------------------------------------------------------------
 
 
 def table(metrics: dict[str, Any]) -> str:
-    names = ("P@0.5", "R@0.5", "F1", "chanceR", "mAP", "AP50", "refer", "naming")
-    widths = (8, 8, 8, 9, 8, 8, 8, 8)
-    header = f"{'dataset':<14}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
+    """Model and baselines side by side, per dataset and per objects-per-image bucket."""
+    names = ("P@0.5", "R@0.5", "F1", "base P", "base R", "ceil R", "oracle R", "mAP", "refer", "naming")
+    header = f"{'':<16}" + "".join(f"{n:>9}" for n in names)
     lines = [header, "-" * len(header)]
-    for dataset, entry in metrics.items():
-        d = entry.get("detection", {})
-        cells = [
+
+    def cells(d: dict[str, Any], entry: dict[str, Any]) -> list[Any]:
+        baseline = d.get("baseline", {})
+        return [
             d.get("P@0.5"),
             d.get("R@0.5"),
             d.get("F1@0.5"),
-            d.get("chance_R@0.5"),
+            baseline.get("P@0.5"),
+            baseline.get("R@0.5"),
+            d.get("recall_ceiling_R@0.5"),
+            d.get("oracle_R@0.5"),
             d.get("mAP"),
-            d.get("AP50"),
             entry.get("referring", {}).get("accuracy"),
             entry.get("naming", {}).get("accuracy"),
         ]
-        lines.append(
-            f"{dataset:<14}"
-            + "".join(f"{'-' if c is None else f'{c:.3f}':>{w}}" for c, w in zip(cells, widths, strict=True))
-        )
+
+    def line(label: str, values: list[Any]) -> str:
+        return f"{label:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>9}" for c in values)
+
+    for dataset, entry in metrics.items():
+        d = entry.get("detection", {})
+        lines.append(line(dataset, cells(d, entry)))
+        for bucket, sub in d.get("by_objects", {}).items():
+            lines.append(line(f"  {bucket} objects", cells(sub, {})))
     return "\n".join(lines)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+def candidate_source(args: argparse.Namespace) -> dict[str, Any]:
+    """The records to ask about and a description of where their candidate boxes come from."""
     from chatrex.coco import iter_coco_records
+
+    check_sources(args)
+    if args.coco:
+        synthetic = args.distractors if args.synthetic_proposals else None
+        records = iter_coco_records(args.coco, args.images, args.proposals, synthetic, args.seed, args.limit)
+        described = (
+            f"COCO detection results {args.proposals}"
+            if args.proposals
+            else f"synthetic proposal model (chatrex/proposals.py), {args.distractors} distractors per image"
+        )
+        return {"records": records, "candidates": described}
+    return {"records": records_from_shards(args.shards), "candidates": "the shards' proposals"}
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """COCO evaluation needs a proposal source (annotations never become candidates); shards bring theirs."""
+    if not args.coco:
+        if args.proposals or args.synthetic_proposals:
+            raise SystemExit(
+                "eval_chatrex: --proposals and --synthetic-proposals go with --coco; "
+                "shards carry their proposals"
+            )
+        return
+    if not args.proposals and not args.synthetic_proposals:
+        raise SystemExit(
+            "eval_chatrex: --coco needs candidate boxes from a proposal source: pass --proposals DETS.json "
+            "(COCO detection results, e.g. written by pipelines/export_proposals.py from shards), or "
+            "--synthetic-proposals for the synthetic benchmark scenes (annotations are never candidates)"
+        )
+    if args.proposals and args.synthetic_proposals:
+        raise SystemExit("eval_chatrex: pass one proposal source, --proposals or --synthetic-proposals")
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from engine.models import resolve_model
     from engine.runtime import init_ray
 
@@ -304,24 +280,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"unknown --tasks {sorted(unknown)}; choose from {TASKS}")
     import ray
 
+    check_sources(args)  # before starting Ray: a wrong command fails at once
     started = init_ray(RayConfig(show_progress=not args.quiet), namespace="chatrex-eval")
     try:
-        if args.coco:
-            source = iter_coco_records(
-                args.coco, args.images, args.proposals, args.distractors, args.seed, args.limit
-            )
-            mode = args.boxes or ("proposals" if args.proposals or args.distractors else "mixed")
-        else:
-            source = records_from_shards(args.shards)
-            mode = args.boxes or "mixed"
-        items = []
-        for n, (record, image) in enumerate(source):
+        source = candidate_source(args)
+        items, dropped = [], 0
+        for n, (record, image) in enumerate(source["records"]):
             if args.limit is not None and n >= args.limit:
                 break
-            items += questions(record, image, tasks, mode, args.max_boxes, args.seed)
+            asked, lost = questions(record, image, tasks, args.max_boxes)
+            items += asked
+            dropped += lost
         if not items:
-            raise SystemExit("no evaluation question: are there records with regions?")
-        log.info("%d questions (%s), input boxes: %s", len(items), ", ".join(tasks), mode)
+            raise SystemExit(
+                "no evaluation question: are there records with regions and proposals (candidate boxes)?"
+            )
+        log.info("%d questions (%s), candidates: %s", len(items), ", ".join(tasks), source["candidates"])
         predictions = predict(items, resolve_model(args.model), args)
     finally:
         if started:
@@ -330,7 +304,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     args.output.mkdir(parents=True, exist_ok=True)
     report = {
         "model": args.model,
-        "boxes": mode,
+        "candidates": source["candidates"],
+        "candidate_scores": "not used: mAP ranks by the model's own <objN> probabilities",
+        "dropped_verbatim_gt_candidates": dropped,
         "tasks": list(tasks),
         "questions": len(items),
         "metrics": metrics,
@@ -353,11 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--shards", action="append", help="Rexverse shards (folder, .tar, glob)")
     source.add_argument("--coco", type=Path, help="COCO ground truth json")
     parser.add_argument("--images", type=Path, default=None, help="COCO image folder (default: the json's)")
-    parser.add_argument("--proposals", type=Path, default=None, help="COCO detection results as input boxes")
+    parser.add_argument("--proposals", type=Path, default=None, help="COCO detection results as candidates")
     parser.add_argument(
-        "--distractors", type=int, default=0, help="random boxes added to each image's proposals"
+        "--synthetic-proposals",
+        action="store_true",
+        help="candidates from the synthetic proposal model (synthetic benchmark scenes only)",
     )
-    parser.add_argument("--boxes", choices=("mixed", "proposals"), default=None)
+    parser.add_argument("--distractors", type=int, default=6, help="distractors of --synthetic-proposals")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--max-boxes", type=int, default=100)

@@ -5,7 +5,9 @@ Local (CPU workers on an embedded Ray):
         --output out/chatrex
 Cluster: ray job submit --working-dir . -- python pipelines/train_chatrex.py --config configs/chatrex_7b.yaml
 
-Each stage of the config (the paper's alignment, then full training) is one Ray Train run named
+Each stage of the config (the paper's three: `alignment` on image-caption pairs, `perception` on detection,
+grounding and region understanding, `joint` adding grounded captions; `chatrex.tasks.STAGE_WEIGHTS`) is one
+Ray Train run named
 `<i>-<stage>` under `<output>/runs`; its final model lands in `<output>/<i>-<stage>/final` and the next stage
 starts from it. Rerunning the same command resumes: finished stages are skipped and an interrupted stage
 restarts from its latest checkpoint (Ray Train restores a run with the same storage path and name).
@@ -41,7 +43,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
-    """LoRA adapters on the LLM's attention projections; the base LLM freezes, the adapters train."""
+    """LoRA adapters on the LLM's attention projections; the base LLM freezes except the new token rows."""
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
@@ -49,6 +51,10 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
     )
     model.language_model = get_peft_model(model.language_model, config)
+    # peft freezes every base weight of the LLM, the embedding and LM-head matrices included; the new token
+    # rows (<objN>, grounding tokens) must keep training, through the row hooks `set_trainable` put on them.
+    for weight in model._token_row_weights():
+        weight.requires_grad_(True)
     return model
 
 
@@ -106,10 +112,10 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
     model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
     processor = ChatRexProcessor.from_pretrained(model_dir)
-    model.set_trainable(stage.name, train_vision=stage.train_vision)
+    model.set_trainable(stage.name, train_vision=stage.vision_trains)
     if stage.lora:
         # projectors + new token rows; the LLM body trains through LoRA
-        model.set_trainable("alignment", train_vision=stage.train_vision)
+        model.set_trainable("alignment", train_vision=stage.vision_trains)
         model = apply_lora(model, cfg)
     model = ray.train.torch.prepare_model(model, parallel_strategy=stage.strategy)
     device = ray.train.torch.get_device()
@@ -133,7 +139,9 @@ def train_loop(config: dict[str, Any]) -> None:
         )
         for batch in batches:
             samples = [
-                training_sample(row, processor, cfg.seed, state["epoch"], cfg.max_boxes, cfg.task_weights)
+                training_sample(
+                    row, processor, cfg.seed, state["epoch"], cfg.max_boxes, stage.weights, cfg.candidates
+                )
                 for row in rows_of(batch)
             ]
             samples = [s for s in samples if s is not None]
@@ -144,7 +152,7 @@ def train_loop(config: dict[str, Any]) -> None:
             inputs = {
                 k: [b.to(device) for b in v] if k == "boxes" else v.to(device) for k, v in inputs.items()
             }
-            loss = model(**inputs).loss
+            loss = model(**inputs, answer_logits_only=True).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)

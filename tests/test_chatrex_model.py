@@ -230,7 +230,7 @@ def test_left_and_right_padding_agree(folder, processor, images, boxes):
 def test_overfits_one_batch(folder, processor, images, boxes):
     torch.manual_seed(0)
     model = _model(folder).train()
-    model.set_trainable("full")
+    model.set_trainable("perception")
     batch = processor(images, boxes, QUESTIONS, ANSWERS)
     optimizer = torch.optim.AdamW(model.optimizer_param_groups(weight_decay=0.0), lr=5e-3)
     losses = []
@@ -297,12 +297,13 @@ def test_alignment_stage_trains_projectors_and_new_rows_only(folder, processor, 
     used = torch.unique(batch["input_ids"][batch["input_ids"] >= start])
     assert not torch.equal(embed[used], before["language_model.model.embed_tokens.weight"][used])
 
-    model.set_trainable("full")
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert not any(n.startswith(("vision_tower.", "high_res_encoder.")) for n in trainable)
-    assert any(n.startswith("language_model.model.layers.") for n in trainable)
-    model.set_trainable("full", train_vision=True)
-    assert all(p.requires_grad for p in model.parameters())
+    for stage in ("perception", "joint"):  # the paper trains vision, projectors and LLM in stages 2 and 3
+        model.set_trainable(stage)
+        assert all(p.requires_grad for p in model.parameters())
+        model.set_trainable(stage, train_vision=False)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert not any(n.startswith(("vision_tower.", "high_res_encoder.")) for n in trainable)
+        assert any(n.startswith("language_model.model.layers.") for n in trainable)
     model.set_trainable("alignment", train_vision=True)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("high_res_encoder.") for n in trainable)
@@ -313,7 +314,7 @@ def test_alignment_stage_trains_projectors_and_new_rows_only(folder, processor, 
 
 def test_batch_without_boxes_and_with_n_boxes(folder, processor, images):
     model = _model(folder).train()
-    model.set_trainable("full")
+    model.set_trainable("perception")
     batch = processor(images[:2], [None, None], ["describe", "describe"], ["a cat", "a dog"])
     model(**batch).loss.backward()
     grads = [p.grad for p in model.object_encoder.parameters()]

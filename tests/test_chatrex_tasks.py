@@ -88,7 +88,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     from chatrex.train_config import StageConfig
     from pipelines.train_chatrex import lr_factor
 
-    stage = StageConfig(name="full", steps=100, lr=1e-3, warmup_steps=10)
+    stage = StageConfig(name="perception", steps=100, lr=1e-3, warmup_steps=10)
     factors = [lr_factor(s, stage) for s in range(100)]
     assert factors[0] == 0.1 and factors[9] == 1.0
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
