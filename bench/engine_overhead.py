@@ -68,12 +68,15 @@ def measure(images: Path, out: Path, use_ray: bool, env: dict[str, str]) -> Meas
     errors: list[bytes] = []
     threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True).start()
     root = psutil.Process(proc.pid)
-    peak, first_commit = 0, float("nan")
+    peak, first_commit, next_sample = 0, float("nan"), 0.0
     while proc.poll() is None:
-        peak = max(peak, tree_pss(root))
+        now = time.perf_counter()
+        if now >= next_sample:  # reading every process's smaps costs CPU: once a second is enough
+            peak = max(peak, tree_pss(root))
+            next_sample = now + 1.0
         if first_commit != first_commit and any((out / "_commits").glob("*.json")):
-            first_commit = time.perf_counter() - start
-        time.sleep(0.25)
+            first_commit = now - start
+        time.sleep(0.1)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"engine failed ({proc.returncode}): {b''.join(errors).decode()[-3000:]}")
