@@ -6,7 +6,7 @@ Runs the fixture config (tiny models) over unique fixture-like images three ways
 the summed PSS of every process of the run (driver and everything it started: raylet, GCS, workers)
 and notes when the first commit marker appears.
 
-    python bench/engine_overhead.py [--images 1000] [--small 100] [--work DIR]
+    python bench/engine_overhead.py [--images 1000] [--small 100] [--work DIR] [--config YAML] [--set K=V ...]
 
 Prints, last: ray_over_local=<r> mem_over_local=<m> peak_mem_ratio_10x=<g> first_commit_over_local=<f>
 (r: Ray wall / loop wall; m: Ray peak / loop peak; g: Ray peak at --images / at --small; f: seconds to the
@@ -50,11 +50,14 @@ def tree_pss(root: psutil.Process) -> int:
     return total
 
 
-def measure(images: Path, out: Path, use_ray: bool, env: dict[str, str]) -> Measured:
+def measure(
+    images: Path, out: Path, use_ray: bool, env: dict[str, str], config: Path, overrides: list[str]
+) -> Measured:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, str(ROOT / "pipelines" / "rexverse2m.py"), "--config"]
     command += [
-        str(ROOT / "configs" / "fixture.yaml"),
+        str(config),
+        *[arg for override in overrides for arg in ("--set", override)],
         "--input",
         str(images),
         "--output",
@@ -96,6 +99,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "fixture.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, K=V")
     args = parser.parse_args()
 
     from scaffold.make_fixture import generate_fixture
@@ -116,9 +121,10 @@ def main() -> int:
         [sys.executable, "-m", "scaffold.tiny_models"], env=env, cwd=ROOT, check=True, capture_output=True
     )
 
-    local = measure(big, work / "out-loop", use_ray=False, env=env)
-    ray_big = measure(big, work / "out-ray", use_ray=True, env=env)
-    ray_small = measure(small, work / "out-ray-small", use_ray=True, env=env)
+    run = dict(env=env, config=args.config.resolve(), overrides=args.overrides)
+    local = measure(big, work / "out-loop", use_ray=False, **run)
+    ray_big = measure(big, work / "out-ray", use_ray=True, **run)
+    ray_small = measure(small, work / "out-ray-small", use_ray=True, **run)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     print(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from transformers.utils import logging as hf_logging
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ModelRef
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers are imported where they are used: the job's driver imports the stage modules (for
+# their configs) but runs no model, and importing torch would cost it ~0.45 GB of memory for nothing.
 
 TINY_PREFIX = "tiny:"
 
@@ -27,6 +32,8 @@ def resolve_model(name_or_path: str) -> str:
 
 def pick_device(preference: str) -> torch.device:
     """`auto` picks the first CUDA device Ray assigned to this actor, else the CPU."""
+    import torch
+
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
@@ -34,6 +41,8 @@ def pick_device(preference: str) -> torch.device:
 
 def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on GPUs that support it, float32 on CPU (CPU bf16 generate is slow and lossy)."""
+    import torch
+
     if preference != "auto":
         return getattr(torch, preference)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -43,6 +52,8 @@ def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
 
 def quiet_loading() -> None:
     """Per-file progress bars of every actor's model load drown the run's own progress in the logs."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
 
 
@@ -74,3 +85,16 @@ def load_model(auto_class: Any, ref: ModelRef) -> tuple[Any, torch.device]:
 def load_processor(auto_class: Any, ref: ModelRef, **kwargs: Any) -> Any:
     quiet_loading()
     return auto_class.from_pretrained(resolve_model(ref.name), **pretrained_kwargs(ref), **kwargs)
+
+
+def inference_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.inference_mode()` as a decorator that imports torch when called, not when the module loads."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import Field
-from torchvision.ops import box_iou
 
 from engine.config import Resources, Strict
 from engine.items import Item
@@ -44,6 +42,9 @@ def geometry_problem(box: list[float], width: int, height: int, cfg: BoxRulesCon
 
 def duplicate_of(regions: list[dict[str, Any]], iou_threshold: float) -> dict[int, int]:
     """Region id -> id of a higher-scoring region it overlaps by more than `iou_threshold`."""
+    import torch  # here, not at the top: the job's driver imports this module for its config only
+    from torchvision.ops import box_iou
+
     if len(regions) < 2:
         return {}
     ordered = sorted(regions, key=lambda r: -r["score"])

@@ -8,7 +8,7 @@ in `caption.input`. The VLM is loaded on first use, so an all-input run never lo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -17,7 +17,9 @@ from engine.images import load_rgb
 from engine.items import Item
 from stages.base import Stage
 from stages.text import first_sentence
-from stages.vlm import ChatVLM
+
+if TYPE_CHECKING:  # the model wrapper imports torch: only actors load it
+    from stages.vlm import ChatVLM
 
 INPUT_MODEL = "input"  # caption.model of a caption taken from the input
 
@@ -53,6 +55,8 @@ class Caption(Stage):
     @property
     def vlm(self) -> ChatVLM:
         if self._vlm is None:
+            from stages.vlm import ChatVLM
+
             self._vlm = ChatVLM(self.cfg.model, self.cfg.generation)
         return self._vlm
 

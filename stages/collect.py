@@ -10,15 +10,13 @@ standard deviation of a small grey thumbnail. The minimum side stays in `decode`
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import Field, model_validator
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import load_model, load_processor
+from engine.models import inference_mode, load_model, load_processor
 from stages.base import Stage
 
 
@@ -70,6 +68,8 @@ class ImageClassifier:
     """P(any of `labels`) per image from a transformers image classifier."""
 
     def __init__(self, check: ClassifierCheck) -> None:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
         assert check.model is not None
         self.processor = load_processor(AutoImageProcessor, check.model)
         self.model, self.device = load_model(AutoModelForImageClassification, check.model)
@@ -82,7 +82,7 @@ class ImageClassifier:
             )
         self.ids = [label2id[name.lower()] for name in check.reject_labels]
 
-    @torch.inference_mode()
+    @inference_mode
     def __call__(self, images: list[Image.Image]) -> list[float]:
         if not images:
             return []

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from PIL import Image
 from pydantic import Field
-from transformers import AutoModel, AutoProcessor
 
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import load_model, load_processor
+from engine.models import inference_mode, load_model, load_processor
 from schemas.tiers import strip_tier
 from stages.base import Stage
 
@@ -71,11 +69,13 @@ class ImageTextScorer:
     """Agreement of (image, text) pairs in [0, 1] for SigLIP (sigmoid) or cosine in [-1, 1] for CLIP."""
 
     def __init__(self, cfg: FilterConfig) -> None:
+        from transformers import AutoModel, AutoProcessor
+
         self.processor = load_processor(AutoProcessor, cfg.model)
         self.model, self.device = load_model(AutoModel, cfg.model)
         self.sigmoid = self.model.config.model_type.startswith("siglip")
 
-    @torch.inference_mode()
+    @inference_mode
     def __call__(self, images: list[Image.Image], texts: list[str]) -> list[float]:
         if not images:
             return []

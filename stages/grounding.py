@@ -13,19 +13,19 @@ one word of a long phrase is not taken for the whole phrase.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from PIL import Image
 from pydantic import Field
-from torchvision.ops import batched_nms, box_convert
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import load_model, load_processor, pick_device
+from engine.models import inference_mode, load_model, load_processor, pick_device
 from stages.base import Stage
+
+if TYPE_CHECKING:  # torch is imported where it runs (in the stage's actor), not by the job's driver
+    import torch
 
 
 class GroundingConfig(Strict):
@@ -72,6 +72,9 @@ def select_boxes(
     probs: (queries, text_len) token probabilities; boxes_cxcywh: (queries, 4) normalised to the image.
     Returns regions sorted by score, with absolute clipped xyxy boxes, after per-phrase NMS and caps.
     """
+    import torch
+    from torchvision.ops import batched_nms, box_convert
+
     usable = [i for i, tokens in enumerate(phrase_tokens) if tokens]
     if not usable or probs.numel() == 0:
         return []
@@ -108,6 +111,8 @@ class HFGroundingDino:
     """transformers Grounding DINO behind one call: (images, prompts) -> token probs, boxes, token offsets."""
 
     def __init__(self, ref: ModelRef) -> None:
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
         self.processor = load_processor(AutoProcessor, ref)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "right"  # token positions must match the unpadded prompt
@@ -117,7 +122,7 @@ class HFGroundingDino:
     def offsets(self, prompt: str) -> list[tuple[int, int]]:
         return [tuple(o) for o in self.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]]
 
-    @torch.inference_mode()
+    @inference_mode
     def __call__(
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:

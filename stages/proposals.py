@@ -9,20 +9,20 @@ first; UPN's also carry their `granularity`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from PIL import Image
 from pydantic import Field, model_validator
-from torchvision.ops import box_convert, nms
-from transformers import AutoProcessor, Owlv2ForObjectDetection
 
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import load_model, load_processor
+from engine.models import inference_mode, load_model, load_processor
 from stages.base import Stage
 from stages.grounding import make_detector
+
+if TYPE_CHECKING:  # torch is imported where it runs (in the stage's actor), not by the job's driver
+    import torch
 
 
 class ProposalsConfig(Strict):
@@ -54,6 +54,9 @@ def select_proposals(
     scores: torch.Tensor, boxes_xyxy: torch.Tensor, width: int, height: int, cfg: ProposalsConfig
 ) -> list[dict[str, Any]]:
     """Threshold, clip, size rule, NMS and cap; boxes are absolute xyxy of the image."""
+    import torch
+    from torchvision.ops import nms
+
     boxes = boxes_xyxy.float().clone()
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
@@ -71,12 +74,17 @@ class Owlv2Objectness:
     """OWLv2 objectness: scores and boxes of every query patch, independent of the text query."""
 
     def __init__(self, cfg: ProposalsConfig) -> None:
+        from transformers import AutoProcessor, Owlv2ForObjectDetection
+
         self.processor = load_processor(AutoProcessor, cfg.model)
         self.model, self.device = load_model(Owlv2ForObjectDetection, cfg.model)
         self.query = cfg.query
 
-    @torch.inference_mode()
+    @inference_mode
     def __call__(self, images: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+        from torchvision.ops import box_convert
+
         inputs = self.processor(text=[[self.query]] * len(images), images=images, return_tensors="pt")
         outputs = self.model(**inputs.to(self.device))
         scores = outputs.objectness_logits.sigmoid().float().cpu()
@@ -94,6 +102,9 @@ class GenericPromptDetector:
         self.prompt = cfg.query.strip().lower().rstrip(".") + "."
 
     def __call__(self, images: list[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+        from torchvision.ops import box_convert
+
         probs, boxes, offsets = self.detector(images, [self.prompt] * len(images))
         tokens = [t for t, (a, b) in enumerate(offsets[0]) if b > a]
         result = []
@@ -120,6 +131,8 @@ class Proposals(Stage):
             self.model = Owlv2Objectness(cfg) if cfg.backend == "owlv2" else GenericPromptDetector(cfg)
 
     def process(self, items: list[Item]) -> None:
+        import torch
+
         images = [load_rgb(item.image, self.cfg.max_image_side) for item in items]
         for item, image, output in zip(items, images, self.model(images), strict=True):
             width, height = item.record["width"], item.record["height"]

@@ -22,7 +22,6 @@ from engine.config import GenerationConfig, ModelRef, Resources, Strict
 from engine.items import Item
 from schemas.tiers import empty_tiers, strip_tier
 from stages.base import Stage
-from stages.llm import ChatLM
 from stages.text import check_referring
 
 Entry = tuple[Item, dict[str, Any], dict[str, Any]]  # item, region, its phrase
@@ -92,6 +91,8 @@ class Refine(Stage):
 
     def __init__(self, cfg: RefineConfig) -> None:
         super().__init__(cfg)
+        from stages.llm import ChatLM
+
         self.llm = ChatLM(cfg.model, cfg.generation, cfg.system_prompt)
         self.yes_ids, self.no_ids = self.llm.answer_token_ids(cfg.yes_words, cfg.no_words)
 

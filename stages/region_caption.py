@@ -18,7 +18,6 @@ from engine.items import Item
 from schemas.tiers import empty_tiers, strip_tier
 from stages.base import Stage
 from stages.text import first_sentence
-from stages.vlm import ChatVLM
 
 
 class RegionCaptionConfig(Strict):
@@ -71,6 +70,8 @@ class RegionCaption(Stage):
 
     def __init__(self, cfg: RegionCaptionConfig) -> None:
         super().__init__(cfg)
+        from stages.vlm import ChatVLM
+
         self.vlm = ChatVLM(cfg.model, cfg.generation)
 
     def _requests(self, items: list[Item]) -> list[tuple[Item, dict[str, Any], Image.Image, str]]:

@@ -11,16 +11,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pydantic import Field, model_validator
-from transformers import AutoModel, AutoProcessor
 
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import load_model, load_processor, pick_device
+from engine.models import inference_mode, load_model, load_processor, pick_device
 from stages.base import Stage
 
 
@@ -63,13 +61,17 @@ class HFSam2:
     """transformers Sam2Model: several images per call, each with its own boxes (padded to a common count)."""
 
     def __init__(self, cfg: SegmentConfig) -> None:
+        from transformers import AutoModel, AutoProcessor
+
         self.processor = load_processor(AutoProcessor, cfg.model)
         self.model, self.device = load_model(AutoModel, cfg.model)
 
-    @torch.inference_mode()
+    @inference_mode
     def __call__(
         self, images: list[Image.Image], boxes: list[list[list[float]]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torch
+
         most = max(len(b) for b in boxes)
         padded = [b + [b[0]] * (most - len(b)) for b in boxes]  # dummy prompts, discarded below
         inputs = self.processor(images=images, input_boxes=padded, return_tensors="pt").to(self.device)

@@ -67,6 +67,22 @@ def test_each_stage_owns_its_config_and_the_engine_imports_no_stage():
     assert JobConfig.model_fields["stages"].annotation.model_fields["grounding"].annotation is GroundingConfig
 
 
+def test_the_jobs_driver_imports_no_model_library():
+    """The driver imports every stage module (for its config) but runs no model: torch and transformers
+    would cost it ~0.45 GB of memory on every run; only the stage actors import them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipelines.rexverse2m as job;"
+        "job.load_job_config('configs/fixture.yaml', []);"
+        "bad = sorted(m for m in ('torch', 'torchvision', 'transformers', 'spacy') if m in sys.modules);"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_fused_groups_must_be_consecutive_known_stages_and_take_the_largest_resources():
     from engine.pipeline import group_resources, stage_groups
     from pipelines.rexverse2m import STAGES

@@ -90,7 +90,7 @@ def test_caption_source_decides_between_input_text_and_vlm(source, monkeypatch):
         def generate(self, images, prompts):
             return ["a vlm caption of the image."] * len(images)
 
-    monkeypatch.setattr(caption_module, "ChatVLM", FakeVLM)
+    monkeypatch.setattr("stages.vlm.ChatVLM", FakeVLM)  # the stage imports it when it first captions
     cfg = load_config(
         Path(__file__).parents[1] / "configs" / "fixture.yaml", [f"stages.caption.source={source}"]
     )

@@ -104,7 +104,13 @@ def test_job_submit_runs_the_fixture_on_a_cluster(ray_head, tmp_path):
         "--quiet",
     ]
     start = time.time()
-    done = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=800)
+    for _ in range(12):
+        done = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=800)
+        # a head that just started may not have registered its job agent yet: Ray refuses the submission
+        # (nothing runs) and says to try again
+        if "No available agent to submit job" not in done.stderr:
+            break
+        time.sleep(5)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     index = pd.read_parquet(out / "index")

@@ -8,7 +8,6 @@ import random
 
 import pytest
 
-import stages.refine as refine_module
 from engine.config import ModelRef
 from engine.items import Item
 from schemas.tiers import strip_tier, tier_counts, tier_drops
@@ -75,7 +74,7 @@ def make_item() -> Item:
 @pytest.fixture
 def make_refine(monkeypatch):
     def build(lm: FakeLM, **kw) -> Refine:
-        monkeypatch.setattr(refine_module, "ChatLM", lambda *a, **k: lm)
+        monkeypatch.setattr("stages.llm.ChatLM", lambda *a, **k: lm)  # imported when the stage is built
         return Refine(refine_cfg(**kw))
 
     return build
