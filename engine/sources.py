@@ -22,6 +22,7 @@ import os
 import posixpath
 import re
 import tarfile
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from engine.errors import RetryableError
 from engine.input_text import encode_text, from_metadata
 from engine.storage import StorageError, filesystem_for, is_remote, local_path, scheme_of, split_uri, to_uri
 
@@ -512,12 +514,39 @@ class ReadError(Exception):
     """Bytes could not be read; the message is the reject reason."""
 
 
+class TransientReadError(RetryableError):
+    """An object store kept failing for a reason that is not the object's (network, throttling, 5xx)."""
+
+
+# Errors that say something about the object itself: those become rejects. Any other OSError from an
+# object store (pyarrow's own retries already spent) is taken as the store's trouble, not the image's.
+PERMANENT_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+REMOTE_READ_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5
+
+
 def _too_large(size: int, max_bytes: int) -> ReadError:
     return ReadError(f"file too large: {size} bytes > decode.max_bytes={max_bytes}")
 
 
 def _read_remote(uri: str, offset: int, size: int, max_bytes: int) -> tuple[bytes, int]:
-    """One object or tar member from an object store (one ranged GET once the size is known), and its size."""
+    """One object or tar member from an object store, retried with backoff when the store fails.
+
+    A missing or forbidden object is a reject (ReadError); a store that keeps failing raises
+    TransientReadError, which retries the batch instead of rejecting good images.
+    """
+    for attempt in range(REMOTE_READ_ATTEMPTS):
+        try:
+            return _read_remote_once(uri, offset, size, max_bytes)
+        except TransientReadError as exc:
+            if attempt + 1 == REMOTE_READ_ATTEMPTS:
+                raise TransientReadError(f"{exc} ({REMOTE_READ_ATTEMPTS} attempts)") from exc
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _read_remote_once(uri: str, offset: int, size: int, max_bytes: int) -> tuple[bytes, int]:
+    """One object or tar member (one ranged GET once the size is known), and its size."""
     try:
         fs, fs_path = filesystem_for(uri)
         if offset >= 0 and size > max_bytes:
@@ -528,8 +557,10 @@ def _read_remote(uri: str, offset: int, size: int, max_bytes: int) -> tuple[byte
                 if size > max_bytes:
                     raise _too_large(size, max_bytes)
             return handle.read_at(size, offset), size
-    except (OSError, StorageError) as exc:
+    except (StorageError, *PERMANENT_READ_ERRORS) as exc:
         raise ReadError(f"unreadable: {exc}") from exc
+    except OSError as exc:
+        raise TransientReadError(f"object store read failed: {uri}: {exc}") from exc
 
 
 def read_bytes(path: str, offset: int, size: int, max_bytes: int, problem: str = "") -> bytes:

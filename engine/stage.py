@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from engine.config import Resources, Strict, strip_resources
 from engine.dedupe import KeyRegistry
+from engine.errors import RetryableError
 from engine.items import Item, batch_to_items, items_to_batch
 
 
@@ -106,6 +107,8 @@ class Stage:
         start = time.perf_counter()
         try:
             self.process(live)
+        except RetryableError:
+            raise  # the environment failed, not these items: retry the batch, reject nothing
         except Exception:
             for item, snapshot in zip(live, snapshots, strict=True):
                 _restore(item, snapshot)
@@ -121,6 +124,8 @@ class Stage:
         snapshot = _snapshot(item)
         try:
             self.process([item])
+        except RetryableError:
+            raise
         except Exception as exc:
             _restore(item, snapshot)
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()

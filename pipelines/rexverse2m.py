@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import ConfigError, EngineConfig, job_config, load_config  # noqa: E402
+from engine.errors import RetryableError  # noqa: E402
 from engine.pipeline import AccountingError, OutputError, map_stage, run, stage_groups  # noqa: E402
 from engine.sources import InputError  # noqa: E402
 from engine.stage import RunContext, Stage  # noqa: E402
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, OutputError, AccountingError) as exc:
         print(f"rexverse2m: error: {exc}", file=sys.stderr)
         return 2
+    except RetryableError as exc:  # e.g. an object store that kept failing (Ray's retries are spent too)
+        message = f"rexverse2m: stopped: {exc}. Committed parts are kept; rerun the same command."
+        print(message, file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
     except KeyboardInterrupt:
         print(
             "rexverse2m: interrupted; committed parts are kept. Rerun the same command to resume.",

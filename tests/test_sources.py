@@ -302,3 +302,79 @@ def test_s3_missing_bucket_prefix_and_unsupported_uris_are_clear_errors(tmp_path
     (tmp_path / "t.jsonl").write_text(json.dumps({"uri": "http://example.invalid/a.jpg"}))
     with pytest.raises(InputError, match="unsupported URI scheme 'http'"):
         list_inputs([str(tmp_path / "t.jsonl")])
+
+
+# --- an object store that fails for reasons of its own ------------------------------------------------------
+
+
+class FlakyStore:
+    """A pyarrow-like filesystem whose reads fail `failures` times with a network error, then succeed."""
+
+    def __init__(self, data: bytes, failures: int, error: OSError) -> None:
+        self.data, self.failures, self.error, self.opened = data, failures, error, 0
+
+    def open_input_file(self, path: str):
+        self.opened += 1
+        if self.opened <= self.failures:
+            raise self.error
+        return _Handle(self.data)
+
+
+class _Handle(io.BytesIO):
+    def size(self) -> int:
+        return len(self.getvalue())
+
+    def read_at(self, size: int, offset: int) -> bytes:
+        return self.getvalue()[offset : offset + size]
+
+
+def _flaky(monkeypatch, failures: int, error: OSError | None = None) -> FlakyStore:
+    import engine.sources as sources
+
+    error = error or OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7")
+    store = FlakyStore(b"jpeg bytes", failures, error)
+    monkeypatch.setattr(sources, "filesystem_for", lambda uri: (store, uri.split("://", 1)[1]))
+    monkeypatch.setattr(sources, "RETRY_BACKOFF_S", 0.0)
+    return store
+
+
+def test_a_network_blip_is_retried_and_the_image_read(monkeypatch):
+    store = _flaky(monkeypatch, failures=2)
+    assert read_bytes("s3://bucket/a.jpg", -1, -1, 100) == b"jpeg bytes"
+    assert store.opened == 3
+
+
+def test_a_store_that_keeps_failing_stops_the_batch_instead_of_rejecting_its_images(monkeypatch):
+    """A reject is committed and skipped on resume: an outage must not turn good images into rejects."""
+    from engine.errors import RetryableError
+    from engine.items import Item
+    from engine.sources import TransientReadError
+    from engine.stage import Stage
+
+    store = _flaky(monkeypatch, failures=99)
+    with pytest.raises(TransientReadError, match="NETWORK_CONNECTION.*3 attempts"):
+        read_bytes("s3://bucket/a.jpg", -1, -1, 100)
+    assert store.opened == 3 and issubclass(TransientReadError, RetryableError)
+
+    class Reads(Stage):  # the contract every stage runs under: an item's own failure rejects only it
+        name = "reads"
+
+        def __init__(self) -> None:
+            self.provenance = {}
+
+        def process(self, items: list[Item]) -> None:
+            for item in items:
+                item.image = read_bytes(item.uri, -1, -1, 100)
+
+    items = [Item("", "s3://bucket/a.jpg", b"", {}), Item("", "s3://bucket/b.jpg", b"", {})]
+    with pytest.raises(TransientReadError):
+        Reads().run(items)
+    assert all(item.ok for item in items)  # nothing rejected: Ray retries the task, or a rerun resumes
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError("no such key"), PermissionError("access denied")])
+def test_a_missing_or_forbidden_object_is_a_reject_without_retries(monkeypatch, error):
+    store = _flaky(monkeypatch, failures=99, error=error)
+    with pytest.raises(ReadError, match="unreadable"):
+        read_bytes("s3://bucket/a.jpg", -1, -1, 100)
+    assert store.opened == 1
