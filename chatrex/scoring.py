@@ -14,8 +14,15 @@ Baselines, on the same candidates of the same questions, in the same run:
 - `oracle`: the best pick the candidates allow (a maximum matching of all candidates to the ground truth):
   the upper bound of recall, at precision 1.
 
-`baseline` is the category-blind strategy with the best F1@0.5. Everything is also reported per bucket of
-annotated objects per image.
+`baseline` is the category-blind picker with the best F1@0.5 (`PICKERS`); `all_overlapping` is reported as
+the recall ceiling, not as the baseline (it answers every object of the image, not a chosen number).
+Everything is also reported per bucket of annotated objects per image.
+
+Duplicate suppression (`dedup_iou`, optional, off by default): a proposal network gives several boxes per
+object, and naming two of them costs precision under one-to-one matching. With `dedup_iou` set, the boxes
+of each answer are suppressed by non-maximum suppression at that IoU (`torchvision.ops.nms`), ranked by the
+model's own <objN> probability (answer order when it has none); the same suppression, ranked by pick order,
+is applied to every baseline's picks (the oracle's are one-to-one already). No ground truth is involved.
 
 mAP@[.5:.95] / AP50 (pycocotools) rank the answered boxes by the model's own confidence: the probability the
 model gave to each `<objN>` token when it generated it (the first time it named that index). Input proposal
@@ -35,6 +42,7 @@ from stages.text import parse_category
 
 STRATEGIES = ("random_k", "blind_random_k", "all_overlapping", "oracle")
 BLIND = ("blind_random_k", "all_overlapping")
+PICKERS = ("blind_random_k",)  # category-blind strategies eligible as `baseline` (not the recall ceiling)
 BUCKETS = ((1, 1, "1"), (2, 3, "2-3"), (4, 6, "4-6"), (7, 10, "7-10"), (11, 10**9, "11+"))
 
 
@@ -60,6 +68,23 @@ def baseline_picks(
     }
 
 
+def suppress_duplicates(
+    boxes: list[list[float]], indices: list[int], ranking: list[float] | None, iou: float | None
+) -> list[int]:
+    """`indices` without the boxes that overlap a higher-ranked kept one at IoU > `iou` (NMS), in order.
+
+    `ranking` (one value per index, higher first) defaults to the order of `indices`; `iou=None` keeps all.
+    """
+    if iou is None or len(indices) < 2:
+        return list(indices)
+    import torch
+    from torchvision.ops import nms
+
+    scores = torch.tensor(ranking if ranking is not None else [-float(n) for n in range(len(indices))])
+    keep = nms(torch.tensor([boxes[i] for i in indices], dtype=torch.float32), scores.float(), iou)
+    return [indices[k] for k in sorted(keep.tolist())]
+
+
 def _counts_dict(counts: DetectionCounts) -> dict[str, float]:
     return {
         "P@0.5": round(counts.precision, 4),
@@ -69,7 +94,7 @@ def _counts_dict(counts: DetectionCounts) -> dict[str, float]:
 
 
 def _detection_entry(model: DetectionCounts, baselines: dict[str, DetectionCounts]) -> dict[str, Any]:
-    best = max(BLIND, key=lambda name: (baselines[name].f1, name == "blind_random_k"))
+    best = max(PICKERS, key=lambda name: baselines[name].f1)
     return model.to_dict() | {
         "baseline": {"strategy": best, **_counts_dict(baselines[best])},
         "recall_ceiling_R@0.5": round(baselines["all_overlapping"].recall, 4),
@@ -85,12 +110,16 @@ def _index_scores(prediction: dict[str, Any]) -> dict[int, float] | None:
     return {int(k): float(v) for k, v in dict(raw).items()}
 
 
-def score(predictions: list[dict[str, Any]], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score(
+    predictions: list[dict[str, Any]], seed: int, dedup_iou: float | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics per dataset (and 'all'), and the per-question rows written to predictions.jsonl.
 
     A prediction holds the question's `task`, `key`, `dataset`, `question`, `answer`, candidate `boxes`, the
     category's `gt_boxes`, the image's `image_gt_boxes`, `gt_box` / `category` for referring and naming, and
-    `index_scores` ({index: probability}) from the model for mAP.
+    `index_scores` ({index: probability}) from the model for mAP. `dedup_iou`: duplicate suppression of
+    detection answers and baseline picks (module docstring); rows keep the answered `indices` and, with
+    it, the `kept_indices` that were scored.
     """
     rng = random.Random(seed)
     det: dict[str, DetectionCounts] = defaultdict(DetectionCounts)
@@ -121,7 +150,16 @@ def score(predictions: list[dict[str, Any]], seed: int) -> tuple[dict[str, Any],
             "image_gt_boxes": image_gt,
         }
         if p["task"] == "detection":
+            index_scores = _index_scores(p)
             picks = baseline_picks(boxes, gt, image_gt, rng)
+            if dedup_iou is not None:
+                ranking = [index_scores.get(i, 0.0) for i in indices] if index_scores is not None else None
+                indices = suppress_duplicates(boxes, indices, ranking, dedup_iou)
+                row["kept_indices"] = indices
+                picks = {
+                    name: chosen if name == "oracle" else suppress_duplicates(boxes, chosen, None, dedup_iou)
+                    for name, chosen in picks.items()
+                }
             bucket = bucket_of(len(image_gt))
             picked = [boxes[i] for i in indices]
             for dataset in (p["dataset"], "all"):
@@ -131,7 +169,6 @@ def score(predictions: list[dict[str, Any]], seed: int) -> tuple[dict[str, Any],
             bucket_det[bucket].add(picked, gt)
             for name, chosen in picks.items():
                 bucket_base[bucket][name].add([boxes[i] for i in chosen], gt)
-            index_scores = _index_scores(p)
             scored &= index_scores is not None
             image_id = image_ids.setdefault(p["key"], len(image_ids) + 1)
             category_id = category_ids.setdefault(p["category"], len(category_ids) + 1)

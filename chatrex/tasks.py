@@ -75,6 +75,8 @@ class InputBoxes:
     boxes: list[list[float]]
     scores: list[float]
     region_index: dict[int, int]  # region id -> box index
+    # region id -> every box that covers it (IoU >= 0.5, its best-overlapping region); `proposals` mode only
+    covers: dict[int, list[int]] | None = None
 
 
 @dataclass
@@ -93,9 +95,10 @@ def mix_boxes(
 ) -> InputBoxes:
     """Regions (all, up to `max_boxes`) plus non-duplicate proposals, shuffled; regions never fall out.
 
-    `candidates="proposals"` instead shows the proposals only (as evaluation does) and lets each region be
-    answered by the proposal a one-to-one matching at IoU >= 0.5 assigns to it (regions without one are
-    left out of the questions): training on the candidate distribution the evaluation sees.
+    `candidates="proposals"` instead shows the proposals only (as evaluation does): each region is named by
+    the proposal a one-to-one matching at IoU >= 0.5 assigns to it (regions without one are left out of the
+    questions), and detection-style answers list every proposal that covers it (`covers`): training on the
+    candidate distribution the evaluation sees.
     """
     if candidates == "proposals":
         return assign_proposals(record, max_boxes, rng)
@@ -115,23 +118,45 @@ def mix_boxes(
 
 
 def assign_proposals(record: dict[str, Any], max_boxes: int, rng: random.Random) -> InputBoxes:
-    """Proposals only, shuffled, at most `max_boxes`; each region -> its matched proposal (IoU >= 0.5)."""
+    """Proposals only, shuffled, at most `max_boxes`; each region -> its matched proposal (IoU >= 0.5).
+
+    `covers` lists, per matched region, every proposal whose best-overlapping region it is at IoU >= 0.5.
+    A proposal network gives several boxes per object (the synthetic one 1-2 jittered copies); they look
+    alike, so a detection answer that names only the matched one would ask the model to tell near-identical
+    boxes apart by a rule it cannot see. Detection answers name them all; evaluation suppresses the
+    duplicates among answered boxes (`chatrex.scoring.suppress_duplicates`).
+    """
     from chatrex.metrics import match_pairs
 
     proposals = sorted(record.get("proposals", []), key=lambda p: -p.get("score", 0.0))[:max_boxes]
     proposals = rng.sample(proposals, k=len(proposals))
     boxes = [list(map(float, p["box"])) for p in proposals]
     regions = list(record.get("regions", []))
-    pairs = match_pairs(boxes, [list(map(float, r["box"])) for r in regions])
+    region_boxes = [list(map(float, r["box"])) for r in regions]
+    pairs = match_pairs(boxes, region_boxes)
     region_index = {regions[j]["id"]: i for i, j in pairs}
-    return InputBoxes(boxes, [float(p.get("score", 0.0)) for p in proposals], region_index)
+    covers: dict[int, list[int]] = {rid: [] for rid in region_index}
+    if boxes and regions:
+        ious = box_iou(
+            torch.tensor(boxes, dtype=torch.float64), torch.tensor(region_boxes, dtype=torch.float64)
+        )
+        for i, row in enumerate(ious):
+            j = int(row.argmax())
+            if float(row[j]) >= 0.5 and regions[j]["id"] in covers:
+                covers[regions[j]["id"]].append(i)
+    for rid, i in region_index.items():  # the matched box always names its region
+        covers[rid] = sorted({*covers[rid], i})
+    return InputBoxes(boxes, [float(p.get("score", 0.0)) for p in proposals], region_index, covers)
 
 
 def _by_category(record: dict[str, Any], boxes: InputBoxes) -> dict[str, list[int]]:
+    """Category -> the indices a detection answer names (every covering box in `proposals` mode)."""
     groups: dict[str, list[int]] = {}
     for region in record.get("regions", []):
         if region["id"] in boxes.region_index:
-            groups.setdefault(region["category"], []).append(boxes.region_index[region["id"]])
+            rid = region["id"]
+            named = boxes.covers[rid] if boxes.covers is not None else [boxes.region_index[rid]]
+            groups.setdefault(region["category"], []).extend(named)
     return {category: sorted(indices) for category, indices in groups.items()}
 
 
@@ -164,7 +189,7 @@ def make_task(task: str, record: dict[str, Any], boxes: InputBoxes, rng: random.
         return caption_task(record, boxes)
     if task == "count":
         category = rng.choice(sorted(groups))
-        count = len(groups[category])
+        count = sum(r["category"] == category for r in regions)
         answer = f"{count} " + format_answer([Grounding(category, groups[category])])
         return TaskSample(task, COUNT_QUESTION.format(category=category), answer)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")

@@ -300,13 +300,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
-    metrics, rows = score(predictions, args.seed)
+    metrics, rows = score(predictions, args.seed, args.dedup_iou)
     args.output.mkdir(parents=True, exist_ok=True)
     report = {
         "model": args.model,
         "candidates": source["candidates"],
         "candidate_scores": "not used: mAP ranks by the model's own <objN> probabilities",
         "dropped_verbatim_gt_candidates": dropped,
+        "duplicate_suppression": (
+            f"NMS at IoU {args.dedup_iou} over each answer's boxes (ranked by the model's <objN> probability)"
+            " and over every baseline's picks"
+            if args.dedup_iou is not None
+            else "none"
+        ),
         "tasks": list(tasks),
         "questions": len(items),
         "metrics": metrics,
@@ -346,6 +352,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dedup-iou",
+        type=float,
+        default=None,
+        help="suppress duplicate answered boxes (NMS at this IoU, by the model's confidence; baselines too)",
+    )
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 

@@ -39,6 +39,28 @@ def test_detection_answer_points_at_all_regions_of_the_category():
     assert sample.question == "Detect every ball in the image."
 
 
+def test_proposals_mode_answers_every_box_that_covers_an_object():
+    record = record_with_proposals()
+    record["regions"][1]["category"] = "box"
+    record["proposals"] = [
+        {"box": [2.0, 2.0, 50.0, 60.0], "score": 0.9},  # covers region 0 (ball), IoU 0.96
+        {"box": [1.0, 4.0, 48.0, 60.0], "score": 0.8},  # covers region 0 too, IoU 0.91
+        {"box": [60.0, 12.0, 100.0, 80.0], "score": 0.7},  # covers region 3 (box)
+        {"box": [30.0, 30.0, 70.0, 70.0], "score": 0.6},  # partial: covers nothing
+    ]
+    boxes = mix_boxes(record, 100, random.Random(0), candidates="proposals")
+    index_of = {tuple(b): i for i, b in enumerate(boxes.boxes)}
+    ball = sorted(index_of[tuple(p["box"])] for p in record["proposals"][:2])
+    assert boxes.covers == {0: ball, 3: [index_of[(60.0, 12.0, 100.0, 80.0)]]}
+    assert boxes.region_index[0] in ball  # the one-to-one match still names the region
+    detect = make_task("detect", record, boxes, random.Random(1))
+    (group,) = parse_answer(detect.answer, len(boxes.boxes))
+    assert sorted(group.indices) == (ball if group.phrase == "ball" else boxes.covers[3])
+    for seed in range(6):
+        count = make_task("count", record, boxes, random.Random(seed))
+        assert count.answer.startswith("1 ")  # one ball, though two boxes cover it
+
+
 def test_region_refer_caption_and_count_tasks_are_consistent():
     record = record_with_proposals()
     boxes = mix_boxes(record, 100, random.Random(2))
