@@ -6,7 +6,10 @@ proposal model (`chatrex/proposals.py`: 1-2 jittered boxes per object with IoU 0
 partial boxes shaped like real objects, uniform scores that carry no information). Evaluation candidates are
 these proposals only: no ground-truth box is ever an input.
 
-Two models with the same parts (a small random ViT + ConvNeXt + 4-layer Qwen2), data, stages and step budget:
+Two models with the same parts (a small random ViT + ConvNeXt + 4-layer Qwen2), data, stages and step budget.
+The small LLM reads the question before the object tokens and index-tagged object tokens (`question_first`,
+`index_tagged_objects`): with the paper's layout it learned to match categories far more slowly
+(docs/chatrex.md, "The prompt layout").
 
 - ChatRex (retrieval): answers with indices of candidate boxes. Trained with the real pipeline (Ray Train:
   the paper's `alignment`, `perception`, `joint` stages; candidates = proposals, each object answered by the
@@ -131,6 +134,11 @@ def build_small_chatrex(out: Path, seed: int = 0, object_features: str = "roi", 
         roi_pooling="flatten",
         box_embed_dim=64,
         object_features=object_features,
+        # question before the object tokens, and each object token tagged with its index embedding: text
+        # warm-up, 800 steps, held-out R/P with the true category words in the slots 0.735/0.546 (paper's
+        # layout), 0.977/0.936 (question first), 1.000/0.998 (both); measured here once each, 1 thread
+        question_first=True,
+        index_tagged_objects=True,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -183,7 +191,8 @@ def warm_up_llm_on_text(
     LLM does not, and measured here it stayed at chance for 1500 multimodal steps. So the LLM first trains
     alone on a text rendering of the training scenes: the same prompts and answers, each `<roi>` slot holding
     the mean input embedding of its region's category name ("background" for a distractor), no image
-    tokens. The multimodal stages then have to learn the vision side: map pixels in a box to what the LLM
+    tokens; with `index_tagged_objects` each slot also carries its index embedding, as object tokens do. The
+    multimodal stages then have to learn the vision side: map pixels in a box to what the LLM
     reads as that category. Only training scenes are used; held-out scenes stay unseen.
     """
     import random
@@ -228,9 +237,10 @@ def warm_up_llm_on_text(
         for word in slot_words:
             word_ids.setdefault(word, tokenizer(" " + word, add_special_tokens=False).input_ids)
         slots = torch.stack([embed(torch.tensor(word_ids[w])).mean(0) for w in slot_words])
-        inputs = embed(input_ids).masked_scatter(
-            (input_ids == model.config.object_token_id)[..., None], slots
-        )
+        object_mask = input_ids == model.config.object_token_id
+        inputs = embed(input_ids).masked_scatter(object_mask[..., None], slots)
+        if model.config.index_tagged_objects:  # as the model will see its object tokens
+            inputs = inputs + model.index_tags(input_ids, object_mask)
         loss = answer_only_loss(llm, inputs, mask, labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -540,7 +550,13 @@ def warm_up_coordinates_on_text(
                 f"{r['category']} {box_text(r['box'], record['width'], record['height'])}"
                 for r in rng.sample(record["regions"], k=len(record["regions"]))
             )
-            rows.append(processor.tokenize(0, f"Objects: {listed}.\n{task.question}", task.answer))
+            # the same order as the retrieval model's prompt: question and object list
+            prompt = (
+                f"{task.question}\nObjects: {listed}."
+                if processor.question_first
+                else f"Objects: {listed}.\n{task.question}"
+            )
+            rows.append(processor.tokenize(0, prompt, task.answer))
         input_ids, labels, mask = _pad_batch(rows, processor.pad_token_id)
         loss = answer_only_loss(llm, llm.get_input_embeddings()(input_ids), mask, labels).loss
         optimizer.zero_grad()
@@ -677,6 +693,30 @@ def evaluate_coordinates(
     return total.to_dict() | {"by_objects": {k: v.to_dict() for k, v in sorted(buckets.items())}}
 
 
+def coordinate_prior(train_shards: Path, test_shards: Path) -> dict:
+    """What a box writer that ignores the image scores on the coordinate model's questions: each answer is
+    one box, the mean of the training boxes (each normalised to its image, then scaled to the asked one)."""
+    from collections import defaultdict
+
+    from chatrex.metrics import DetectionCounts
+
+    boxes = [
+        [v / (record["width"], record["height"])[i % 2] for i, v in enumerate(region["box"])]
+        for record, _ in training_rows(train_shards)
+        for region in record["regions"]
+    ]
+    mean = [sum(column) / len(column) for column in zip(*boxes, strict=True)]
+    counts = DetectionCounts()
+    for record, _ in training_rows(test_shards):
+        by_category: dict[str, list] = defaultdict(list)
+        for region in record["regions"]:
+            by_category[region["category"]].append(region["box"])
+        size = (record["width"], record["height"])
+        for category in sorted(by_category):
+            counts.add([[v * size[i % 2] for i, v in enumerate(mean)]], by_category[category])
+    return counts.to_dict() | {"box": [round(v, 3) for v in mean]}
+
+
 # --- data ------------------------------------------------------------------------------------------------
 
 
@@ -806,7 +846,7 @@ def main() -> int:
         default=0.3,
         help="NMS of each answer's boxes (both models) and of the baselines' picks; negative: off",
     )
-    parser.add_argument("--text-steps", type=int, default=2000, help="LLM warm-up steps in words (each)")
+    parser.add_argument("--text-steps", type=int, default=1000, help="LLM warm-up steps in words (each)")
     parser.add_argument("--text-lr", type=float, default=3e-3, help="peak learning rate of the text warm-up")
     parser.add_argument("--align-steps", type=int, default=50)
     parser.add_argument("--perception-steps", type=int, default=1200)
@@ -889,6 +929,13 @@ def main() -> int:
             coords_init, shards["train"], stage_specs(args), args.batch_size, args.threads
         )
         coords = evaluate_coordinates(coords_model, shards["test"], args.threads, dedup)
+        coords["image_blind_prior"] = coordinate_prior(shards["train"], shards["test"])
+        print(
+            f"coordinates: R@0.5 {coords['R@0.5']} P@0.5 {coords['P@0.5']}; a box writer that ignores the "
+            f"image (the training boxes' mean): R@0.5 {coords['image_blind_prior']['R@0.5']} "
+            f"P@0.5 {coords['image_blind_prior']['P@0.5']}",
+            flush=True,
+        )
         (eval_dir / "coords_metrics.json").write_text(json.dumps(coords, indent=2))
         print(f"coordinates: warm-up + training + eval {(time.time() - t3) / 60:.1f} min", flush=True)
     steps = (

@@ -29,6 +29,8 @@ def assemble_from_parts(parts: PartsConfig, out_dir: Path) -> Path:
         num_object_tokens=parts.num_object_tokens,
         low_res_size=parts.low_res_size,
         high_res_size=parts.high_res_size,
+        question_first=parts.question_first,
+        index_tagged_objects=parts.index_tagged_objects,
     )
     processor = ChatRexProcessor.from_model_config(
         tokenizer,

@@ -52,6 +52,11 @@ class ChatRexConfig(PreTrainedConfig):
             embedding alone: the ablation without high-resolution object features).
         box_embed_dim: size of the sin-cos embedding of a box's 4 normalised coordinates (multiple of 8).
         projector_hidden_act: activation of both projector MLPs.
+        question_first: prompt layout the model is trained with: False (default) puts the question after
+            the object tokens, True before them, so each object token can already attend to the question
+            (`chatrex/processor.py`; measured for a small LLM trained from scratch in docs/chatrex.md).
+        index_tagged_objects: each object token also carries the input embedding of its `<objN>` index
+            token (added to the object feature), so naming a box needs no look back to the token before it.
         image_token_id: id of `<image>`, the placeholder replaced by one image token each.
         object_token_id: id of `<roi>`, the placeholder replaced by one box's object feature.
         object_index_start_id: id of `<obj0>`; `<obj{i}>` has id `object_index_start_id + i`.
@@ -83,6 +88,8 @@ class ChatRexConfig(PreTrainedConfig):
     roi_output_size: int = 7
     roi_pooling: str = "mean"
     object_features: str = "roi"
+    question_first: bool = False
+    index_tagged_objects: bool = False
     box_embed_dim: int = 256
     projector_hidden_act: str = "gelu"
     image_token_id: int | None = None

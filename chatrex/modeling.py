@@ -269,6 +269,8 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         if sum(counts):
             object_embeds = self.object_encoder(stage_maps, boxes, self.config.high_res_size)
             embeds = embeds.masked_scatter(object_mask[..., None], object_embeds.to(embeds.dtype))
+            if self.config.index_tagged_objects:
+                embeds = embeds + self.index_tags(input_ids, object_mask).to(embeds.dtype)
         elif self.training and torch.is_grad_enabled():
             # A batch without boxes would leave the object encoder out of the graph, and DDP would then
             # wait forever for its gradients; a zero-weighted dummy box keeps every step's graph alike.
@@ -277,6 +279,16 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
             )
             embeds = embeds + 0.0 * dummy.sum().to(embeds.dtype)
         return embeds
+
+    def index_tags(self, input_ids: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:
+        """Per `<roi>` position the input embedding of the `<objN>` token before it, zeros elsewhere
+        (`index_tagged_objects`: added to the object features so each object token says its own index)."""
+        previous = torch.roll(input_ids, 1, dims=1)
+        start = self.config.object_index_start_id
+        named = previous[object_mask]
+        if ((named < start) | (named >= start + self.config.num_object_tokens)).any():
+            raise ValueError("index-tagged object tokens need each <roi> right after its <objN> index token")
+        return self.get_input_embeddings()(previous) * object_mask[..., None]
 
     # ----------------------------------------------------------------------------------------- forward
 

@@ -27,6 +27,11 @@ Layout of the user message (n = number of boxes after truncation, may be 0):
     \\n
     {question}
 
+With `question_first` (a processor and model config setting, off by default) the question comes before the
+object tokens instead (`<image>...\n{question}\n<obj0><roi>...`): with causal attention each object token
+can then attend to the question, which a small LLM trained from scratch learns far faster from (measured in
+docs/chatrex.md).
+
 The message is rendered with the LLM tokenizer's chat template (an optional system prompt first). With the
 Qwen ChatML template a training sample reads (one string, broken here for width):
 
@@ -188,6 +193,7 @@ class ChatRexProcessor:
         high_res_mean: Sequence[float] = CLIP_MEAN,
         high_res_std: Sequence[float] = CLIP_STD,
         system_prompt: str | None = None,
+        question_first: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.num_object_tokens = num_object_tokens
@@ -199,6 +205,7 @@ class ChatRexProcessor:
         self.high_res_mean = tuple(float(v) for v in high_res_mean)
         self.high_res_std = tuple(float(v) for v in high_res_std)
         self.system_prompt = system_prompt
+        self.question_first = bool(question_first)
         missing = [t for t in chatrex_tokens(num_object_tokens) if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(
@@ -234,6 +241,7 @@ class ChatRexProcessor:
             num_image_tokens=config.num_image_tokens,
             low_res_size=config.low_res_size,
             high_res_size=config.high_res_size,
+            question_first=config.question_first,
             **(stats | kwargs),
         )
 
@@ -249,6 +257,7 @@ class ChatRexProcessor:
             "high_res_mean": list(self.high_res_mean),
             "high_res_std": list(self.high_res_std),
             "system_prompt": self.system_prompt,
+            "question_first": self.question_first,
         }
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -277,7 +286,10 @@ class ChatRexProcessor:
     def build_user_content(self, num_boxes: int, question: str) -> str:
         """The user message with image and object placeholders (layout in the module docstring)."""
         objects = "".join(object_index_token(i) + OBJECT_TOKEN for i in range(num_boxes))
-        return f"{IMAGE_TOKEN * self.num_image_tokens}\n{objects}\n{question}"
+        images = IMAGE_TOKEN * self.num_image_tokens
+        if self.question_first:
+            return f"{images}\n{question}\n{objects}" if objects else f"{images}\n{question}"
+        return f"{images}\n{objects}\n{question}"
 
     def _messages(self, content: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

@@ -19,6 +19,9 @@ class PartsConfig(Strict):
     num_object_tokens: int = Field(100, ge=1)
     low_res_size: int = 336
     high_res_size: int = 768
+    # prompt layout and object-token tagging (`ChatRexConfig`); off: the paper's layout
+    question_first: bool = False
+    index_tagged_objects: bool = False
 
 
 class StageConfig(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -417,3 +418,80 @@ def test_flatten_roi_pooling_keeps_the_grid_and_round_trips(tmp_path):
         again.object_encoder(maps, [torch.tensor([[0.1, 0.1, 0.5, 0.5]])], 128),
         flat.object_encoder(maps, [torch.tensor([[0.1, 0.1, 0.5, 0.5]])], 128),
     )
+
+
+def test_question_first_layout_round_trips_and_follows_the_model_config(folder, processor, images, tmp_path):
+    """`question_first` puts the question before the object tokens; it travels with the model config."""
+    config = _model(folder).config
+    config.question_first = True
+    first = ChatRexProcessor.from_model_config(processor.tokenizer, config)
+    assert first.question_first
+    prompt = first(images[0], [[0, 0, 10, 10], [5, 5, 50, 50]], "find the cat")
+    text = first.tokenizer.decode(prompt["input_ids"][0], skip_special_tokens=False)
+    assert text == (
+        "<|im_start|>user\n"
+        + IMAGE_TOKEN * first.num_image_tokens
+        + f"\nfind the cat\n<obj0>{OBJECT_TOKEN}<obj1>{OBJECT_TOKEN}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    no_boxes = first.tokenizer.decode(first(images[0], None, "describe")["input_ids"][0])
+    assert no_boxes.endswith("\ndescribe<|im_end|>\n<|im_start|>assistant\n")
+    first.save_pretrained(tmp_path)
+    assert ChatRexProcessor.from_pretrained(tmp_path).question_first
+    assert not processor.question_first  # the paper's layout stays the default
+
+
+def test_index_tagged_object_tokens_add_their_index_embedding(folder, processor, images, boxes):
+    """With `index_tagged_objects` each <roi> input = object feature + the embedding of its <objN> token;
+    every other position is unchanged, and a <roi> without an index token before it is refused."""
+    plain = _model(folder)
+    config = copy.deepcopy(plain.config)
+    config.index_tagged_objects = True
+    tagged = ChatRexForConditionalGeneration(config).eval()
+    tagged.load_state_dict(plain.state_dict())
+    batch = processor(images[:2], boxes[:2], QUESTIONS[:2])
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values_low", "pixel_values_high", "boxes")}
+    with torch.no_grad():
+        base = plain.embed_inputs(**inputs)
+        with_tags = tagged.embed_inputs(**inputs)
+    ids = batch["input_ids"]
+    roi = ids == config.object_token_id
+    assert int(roi.sum()) == sum(len(b) for b in boxes[:2])
+    assert torch.equal(with_tags[~roi], base[~roi])
+    index_ids = torch.roll(ids, 1, dims=1)[roi]
+    expected_indices = [*range(len(boxes[0])), *range(len(boxes[1]))]
+    assert (index_ids - config.object_index_start_id).tolist() == expected_indices
+    expected = base[roi] + plain.get_input_embeddings()(index_ids)
+    assert torch.allclose(with_tags[roi], expected, atol=1e-6)
+    broken = ids.clone()
+    first_roi = int(roi[0].nonzero()[0])
+    broken[0, first_roi - 1] = processor.pad_token_id
+    with pytest.raises(ValueError, match="index token"):
+        tagged.index_tags(broken, roi)
+
+
+def test_assembling_from_parts_keeps_the_layout_settings(cache, tmp_path):
+    """`model: parts` training configs reach the model and processor configs (local tiny parts, no hub)."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    from chatrex.build import assemble_from_parts
+    from chatrex.train_config import PartsConfig
+    from scaffold.tiny_models import ensure_tiny_model
+
+    convnext = tmp_path / "convnext"
+    ConvNextModel(
+        ConvNextConfig(patch_size=4, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+    ).save_pretrained(convnext)
+    parts = PartsConfig(
+        vision=str(ensure_tiny_model("clip", cache)),
+        convnext=str(convnext),
+        llm=str(ensure_tiny_model("qwen2-lm", cache)),
+        num_object_tokens=8,
+        low_res_size=64,
+        high_res_size=128,
+        question_first=True,
+        index_tagged_objects=True,
+    )
+    out = assemble_from_parts(parts, tmp_path / "model")
+    model = ChatRexForConditionalGeneration.from_pretrained(out)
+    assert model.config.question_first and model.config.index_tagged_objects
+    assert ChatRexProcessor.from_pretrained(out).question_first
