@@ -28,7 +28,7 @@ Layout of the user message (n = number of boxes after truncation, may be 0):
     {question}
 
 With `question_first` (a processor and model config setting, off by default) the question comes before the
-object tokens instead (`<image>...\n{question}\n<obj0><roi>...`): with causal attention each object token
+object tokens instead (`<image>...\\n{question}\\n<obj0><roi>...`): with causal attention each object token
 can then attend to the question, which a small LLM trained from scratch learns far faster from (measured in
 docs/chatrex.md).
 
