@@ -237,10 +237,7 @@ def warm_up_llm_on_text(
         for word in slot_words:
             word_ids.setdefault(word, tokenizer(" " + word, add_special_tokens=False).input_ids)
         slots = torch.stack([embed(torch.tensor(word_ids[w])).mean(0) for w in slot_words])
-        object_mask = input_ids == model.config.object_token_id
-        inputs = embed(input_ids).masked_scatter(object_mask[..., None], slots)
-        if model.config.index_tagged_objects:  # as the model will see its object tokens
-            inputs = inputs + model.index_tags(input_ids, object_mask)
+        inputs = model.place_objects(embed(input_ids), input_ids, slots)  # as it places object tokens
         loss = answer_only_loss(llm, inputs, mask, labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -639,6 +636,17 @@ def train_coordinate_model(
     return out
 
 
+def detection_questions(rows: list[tuple[dict, bytes]]) -> list[tuple[dict, bytes, str, list]]:
+    """(record, JPEG bytes, category, its ground-truth boxes): one question per category of each image."""
+    questions = []
+    for record, jpg in rows:
+        by_category: dict[str, list] = {}
+        for region in record["regions"]:
+            by_category.setdefault(region["category"], []).append(region["box"])
+        questions += [(record, jpg, category, by_category[category]) for category in sorted(by_category)]
+    return questions
+
+
 def evaluate_coordinates(
     model_dir: Path,
     shards: Path,
@@ -667,13 +675,7 @@ def evaluate_coordinates(
     torch.set_num_threads(threads)
     model = ChatRexForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = ChatRexProcessor.from_pretrained(model_dir)
-    questions = []
-    for record, jpg in training_rows(shards):
-        by_category: dict[str, list] = defaultdict(list)
-        for region in record["regions"]:
-            by_category[region["category"]].append(region["box"])
-        for category in sorted(by_category):
-            questions.append((record, jpg, category, by_category[category]))
+    questions = detection_questions(training_rows(shards))
     total, buckets = DetectionCounts(), defaultdict(DetectionCounts)
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
@@ -696,8 +698,6 @@ def evaluate_coordinates(
 def coordinate_prior(train_shards: Path, test_shards: Path) -> dict:
     """What a box writer that ignores the image scores on the coordinate model's questions: each answer is
     one box, the mean of the training boxes (each normalised to its image, then scaled to the asked one)."""
-    from collections import defaultdict
-
     from chatrex.metrics import DetectionCounts
 
     boxes = [
@@ -707,13 +707,9 @@ def coordinate_prior(train_shards: Path, test_shards: Path) -> dict:
     ]
     mean = [sum(column) / len(column) for column in zip(*boxes, strict=True)]
     counts = DetectionCounts()
-    for record, _ in training_rows(test_shards):
-        by_category: dict[str, list] = defaultdict(list)
-        for region in record["regions"]:
-            by_category[region["category"]].append(region["box"])
+    for record, _, _, gt in detection_questions(training_rows(test_shards)):
         size = (record["width"], record["height"])
-        for category in sorted(by_category):
-            counts.add([[v * size[i % 2] for i, v in enumerate(mean)]], by_category[category])
+        counts.add([[v * size[i % 2] for i, v in enumerate(mean)]], gt)
     return counts.to_dict() | {"box": [round(v, 3) for v in mean]}
 
 

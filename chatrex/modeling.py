@@ -268,9 +268,7 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
         embeds = embeds.masked_scatter(image_mask[..., None], image_embeds.to(embeds.dtype))
         if sum(counts):
             object_embeds = self.object_encoder(stage_maps, boxes, self.config.high_res_size)
-            embeds = embeds.masked_scatter(object_mask[..., None], object_embeds.to(embeds.dtype))
-            if self.config.index_tagged_objects:
-                embeds = embeds + self.index_tags(input_ids, object_mask).to(embeds.dtype)
+            embeds = self.place_objects(embeds, input_ids, object_embeds)
         elif self.training and torch.is_grad_enabled():
             # A batch without boxes would leave the object encoder out of the graph, and DDP would then
             # wait forever for its gradients; a zero-weighted dummy box keeps every step's graph alike.
@@ -278,6 +276,17 @@ class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
                 stage_maps, [stage_maps[0].new_zeros(1, 4)], self.config.high_res_size
             )
             embeds = embeds + 0.0 * dummy.sum().to(embeds.dtype)
+        return embeds
+
+    def place_objects(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, object_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """`embeds` with the `<roi>` positions replaced, in order, by `object_embeds` (n_boxes, hidden), and
+        with `index_tagged_objects` each also given its index token's embedding (`index_tags`)."""
+        object_mask = input_ids == self.config.object_token_id
+        embeds = embeds.masked_scatter(object_mask[..., None], object_embeds.to(embeds.dtype))
+        if self.config.index_tagged_objects:
+            embeds = embeds + self.index_tags(input_ids, object_mask).to(embeds.dtype)
         return embeds
 
     def index_tags(self, input_ids: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:

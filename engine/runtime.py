@@ -10,6 +10,7 @@ import logging
 import os
 
 from engine.config import RayConfig
+from engine.errors import RetryableError
 
 log = logging.getLogger("rexverse.runtime")
 
@@ -44,8 +45,6 @@ def init_ray(cfg: RayConfig, namespace: str) -> bool:
     context = DataContext.get_current()
     context.max_errored_blocks = cfg.max_errored_blocks
     # A failing object store is retried (up to each stage's max_restarts), never turned into rejects
-    from engine.errors import RetryableError
-
     context.actor_task_retry_on_errors = [RetryableError]
     context.enable_progress_bars = cfg.show_progress
     context.print_on_execution_start = cfg.show_progress
