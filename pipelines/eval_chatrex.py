@@ -50,7 +50,7 @@ def records_from_shards(specs: list[str]) -> Iterator[tuple[dict[str, Any], byte
     import ray
 
     from chatrex.data import IMAGE_KEYS
-    from pipelines.train_chatrex import shard_paths
+    from engine.training import shard_paths
 
     rows = ray.data.read_webdataset(shard_paths(specs), decoder=None).iter_rows()
     for row in rows:

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,19 @@ if __package__ in (None, ""):
 
 from chatrex.train_config import StageConfig, TrainConfig, load_train_config  # noqa: E402
 from engine.config import ConfigError, RayConfig  # noqa: E402
+from engine.training import (  # noqa: E402
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    discard_restored,
+    fit_to_folder,
+    load_optimizer_state,
+    report_checkpoint,
+    restore_checkpoint,
+    shard_paths,
+    warmup_cosine,
+)
 
 log = logging.getLogger("rexverse.train")
-STATE_FILE = "train_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 # --- on the workers --------------------------------------------------------------------------------------
@@ -71,10 +78,7 @@ def plain_model(model: Any) -> Any:
 
 def lr_factor(step: int, stage: StageConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the stage's learning rate."""
-    if step < stage.warmup_steps:
-        return (step + 1) / stage.warmup_steps
-    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, stage.steps, stage.warmup_steps)
 
 
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,16 +102,9 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
-    state = {"step": 0, "epoch": 0, "losses": [], "seconds": 0.0}
-    checkpoint = ray.train.get_checkpoint()
-    restore_dir = None
-    if checkpoint is not None:  # an interrupted run of this stage: continue where it stopped
-        restore_dir = Path(tempfile.mkdtemp(prefix="chatrex-restore-"))
-        with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, restore_dir, dirs_exist_ok=True)
-        state = json.loads((restore_dir / STATE_FILE).read_text())
-        if rank == 0:
-            print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
+    state, restore_dir = restore_checkpoint("chatrex-restore-")  # an interrupted run of this stage
+    if restore_dir is not None and rank == 0:
+        print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
     model_dir = restore_dir or Path(config["start_dir"])
     dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
     model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
@@ -121,8 +118,9 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     inner = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
-    if restore_dir is not None and (restore_dir / OPTIMIZER_FILE).exists() and not stage.lora:
-        optimizer.load_state_dict(torch.load(restore_dir / OPTIMIZER_FILE, map_location="cpu"))
+    if not stage.lora:  # LoRA's adapters are merged into the saved model: its optimizer state no longer fits
+        load_optimizer_state(optimizer, restore_dir)
+    discard_restored(restore_dir)
     resumed_at = state["step"]  # the scheduler counts from 0 in this process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + resumed_at, stage))
     shard = ray.train.get_dataset_shard("train")
@@ -179,7 +177,9 @@ def train_loop(config: dict[str, Any]) -> None:
                         flush=True,
                     )
                 if state["step"] % cfg.checkpoint_every == 0 or done:
-                    report_checkpoint(model, processor, optimizer, state, metrics, rank)
+                    report_checkpoint(
+                        lambda folder: save_model(model, processor, folder), optimizer, state, metrics, rank
+                    )
                 else:
                     ray.train.report(metrics)
             if done:
@@ -189,97 +189,35 @@ def train_loop(config: dict[str, Any]) -> None:
         state["epoch"] += 1
 
 
-def report_checkpoint(
-    model: Any, processor: Any, optimizer: Any, state: dict, metrics: dict, rank: int
-) -> None:
-    """Rank 0 writes model + processor + optimizer + state; every rank reports (Ray Train needs all)."""
-    import ray.train
-    import torch
-
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            plain_model(model).save_pretrained(folder)
-            processor.save_pretrained(folder)
-            torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_FILE)
-            (Path(folder) / STATE_FILE).write_text(json.dumps(state))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+def save_model(model: Any, processor: Any, folder: Path) -> None:
+    """A checkpoint's model: the plain ChatRex weights and the processor beside them."""
+    plain_model(model).save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 # --- on the driver ---------------------------------------------------------------------------------------
 
 
-def shard_paths(specs: list[str]) -> list[str]:
-    """Local folders (an engine output or its shards/) become their .tar files; globs expand; remote URIs
-    (s3://, gs://) pass through."""
-    import glob
-
-    paths: list[str] = []
-    for spec in specs:
-        if "://" in spec:
-            paths.append(spec)
-        elif os.path.isdir(spec):
-            folder = os.path.join(spec, "shards") if os.path.isdir(os.path.join(spec, "shards")) else spec
-            paths += sorted(glob.glob(os.path.join(folder, "*.tar")))
-        else:
-            paths += sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
-    if not paths:
-        raise ConfigError(f"--shards {specs} names no .tar shard")
-    return paths
-
-
 def run_stage(cfg: TrainConfig, index: int, start_dir: Path, output: Path, dataset: Any) -> Path:
     """One stage as one Ray Train run; returns the folder of its final model."""
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     stage = cfg.stages[index]
     name = f"{index}-{stage.name}"
     final = output / name / "final"
     if (final / "config.json").exists():
         log.info("stage %s already finished: %s", name, final)
         return final
-    spare = ray.cluster_resources().get("CPU", 0) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if spare < 0.5:  # Ray Data reads the shards with tasks of its own: without a free CPU it waits forever
-        raise ConfigError(
-            f"the training workers reserve {cfg.scaling.num_workers * cfg.scaling.cpus_per_worker:g} of the "
-            f"cluster's {ray.cluster_resources().get('CPU', 0):g} CPUs; leave one free for reading shards "
-            "(lower scaling.cpus_per_worker or num_workers; torch_threads may stay higher)"
-        )
-    scaling = ScalingConfig(
-        num_workers=cfg.scaling.num_workers,
-        use_gpu=cfg.scaling.use_gpu,
-        resources_per_worker={
-            "CPU": cfg.scaling.cpus_per_worker,
-            **({"GPU": 1} if cfg.scaling.use_gpu else {}),
-        },
-    )
-    trainer = TorchTrainer(
+    return fit_to_folder(
         train_loop,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "stage_index": index,
-            "start_dir": str(start_dir),
-        },
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(output / "runs"),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
-        datasets={"train": dataset},
+        {"cfg": cfg.model_dump(mode="json"), "stage_index": index, "start_dir": str(start_dir)},
+        dataset,
+        name=name,
+        storage=output / "runs",
+        final=final,
+        num_workers=cfg.scaling.num_workers,
+        cpus_per_worker=cfg.scaling.cpus_per_worker,
+        use_gpu=cfg.scaling.use_gpu,
+        keep_checkpoints=cfg.keep_checkpoints,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {name} ended without a checkpoint")
-    tmp = output / name / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, tmp)
-    os.replace(tmp, final)
-    return final
 
 
 def main(argv: list[str] | None = None) -> int:

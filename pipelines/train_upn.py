@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,17 +26,19 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STATE_FILE = "train_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
+from engine.training import (  # noqa: E402
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    discard_restored,
+    fit_to_folder,
+    load_optimizer_state,
+    report_checkpoint,
+    restore_checkpoint,
+    shard_paths,
+    warmup_cosine,
+)
+
 RUN_NAME = "upn"
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train_step(
@@ -86,26 +85,19 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"] + rank)
-    state = {"step": 0, "epoch": 0, "losses": [], "seconds": 0.0}
-    restore = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        restore = Path(tempfile.mkdtemp(prefix="upn-restore-"))
-        with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, restore, dirs_exist_ok=True)
-        state = json.loads((restore / STATE_FILE).read_text())
-        if rank == 0:
-            print(f"resumed from the checkpoint of step {state['step']}", flush=True)
+    state, restore = restore_checkpoint("upn-restore-")
+    if restore is not None and rank == 0:
+        print(f"resumed from the checkpoint of step {state['step']}", flush=True)
     model = UPNModel.from_pretrained(restore or config["model"])
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     inner = getattr(model, "module", model)
     optimizer = optimizer_for(inner, config["lr"], config["backbone_lr"], config["weight_decay"])
-    if restore is not None and (restore / OPTIMIZER_FILE).exists():
-        optimizer.load_state_dict(torch.load(restore / OPTIMIZER_FILE, map_location="cpu"))
+    load_optimizer_state(optimizer, restore)
+    discard_restored(restore)
     start = state["step"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s + start, config["steps"], config["warmup"])
+        optimizer, lambda s: warmup_cosine(s + start, config["steps"], config["warmup"])
     )
     granularities = config["granularities"]
     shard = ray.train.get_dataset_shard("train")
@@ -149,27 +141,12 @@ def train_loop(config: dict[str, Any]) -> None:
                         flush=True,
                     )
                 if state["step"] % config["checkpoint_every"] == 0 or done:
-                    report_checkpoint(inner, optimizer, state, metrics, rank)
+                    report_checkpoint(inner.save_pretrained, optimizer, state, metrics, rank)
                 else:
                     ray.train.report(metrics)
             if done:
                 break
         state["epoch"] += 1
-
-
-def report_checkpoint(model: Any, optimizer: Any, state: dict, metrics: dict, rank: int) -> None:
-    """Rank 0 writes model + optimizer + state; every rank reports (Ray Train expects all of them)."""
-    import ray.train
-    import torch
-
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            model.save_pretrained(folder)
-            torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER_FILE)
-            (Path(folder) / STATE_FILE).write_text(json.dumps(state))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,13 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from engine.config import RayConfig
+    from engine.config import ConfigError, RayConfig
     from engine.models import resolve_model
     from engine.runtime import init_ray
-    from pipelines.train_chatrex import shard_paths
     from upn.data import SMALL_SIDE
 
     output = args.output.resolve()
@@ -240,29 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     started_local = init_ray(RayConfig(show_progress=False), namespace="upn-train")
     try:
         dataset = ray.data.read_webdataset(shard_paths(args.shards), decoder=None)
-        resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.gpu else {})}
-        trainer = TorchTrainer(
+        fit_to_folder(
             train_loop,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(
-                num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                name=RUN_NAME,
-                storage_path=str(output / "runs"),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-            datasets={"train": dataset},
+            config,
+            dataset,
+            name=RUN_NAME,
+            storage=output / "runs",
+            final=model_dir,
+            num_workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            use_gpu=args.gpu,
+            leave_out=(OPTIMIZER_FILE,),
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError("training ended without a checkpoint")
-        tmp = output / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with result.checkpoint.as_directory() as folder:
-            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
-        state = json.loads((tmp / STATE_FILE).read_text())
-        os.replace(tmp, model_dir)
+        state = json.loads((model_dir / STATE_FILE).read_text())
         summary = {
             "config": config,
             "steps": state["step"],
@@ -274,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"trained UPN: loss {first:.3f} -> {last:.3f} in {state['step']} steps; {model_dir}", flush=True
         )
+    except ConfigError as exc:
+        print(f"train_upn: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if started_local:
             ray.shutdown()

@@ -62,6 +62,28 @@ def fixture_run(tmp_path_factory, engine_env, input_dir):
     return out, done
 
 
+@pytest.fixture(scope="session")
+def gt_shards(tmp_path_factory, engine_env) -> Path:
+    """Shards of the fixture's ground truth (regions with real categories) with synthetic proposals, for the
+    training pipelines."""
+    out = tmp_path_factory.mktemp("gt") / "shards"
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "coco_to_shards.py"),
+        "--coco",
+        str(FIXTURE / "annotations.json"),
+        "--output",
+        str(out),
+        "--synthetic-proposals",
+        "--distractors",
+        "4",
+        "--shard-size",
+        "40",
+    ]
+    subprocess.run(command, env=engine_env, check=True, timeout=300, capture_output=True)
+    return out
+
+
 def kill_when(command: list[str], env: dict[str, str], ready, what: str, timeout: float = 600) -> None:
     """Start `command` in its own process group and SIGKILL the whole group once `ready()` is true."""
     import signal

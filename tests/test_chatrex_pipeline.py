@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import FIXTURE, ROOT, kill_when
+from conftest import ROOT, kill_when
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 TRAIN = [
@@ -15,27 +15,6 @@ TRAIN = [
     "--config",
     str(ROOT / "configs" / "chatrex_fixture.yaml"),
 ]
-
-
-@pytest.fixture(scope="module")
-def gt_shards(tmp_path_factory, engine_env):
-    """Shards of the fixture's ground truth (regions with real categories) with synthetic proposals."""
-    out = tmp_path_factory.mktemp("gt") / "shards"
-    command = [
-        sys.executable,
-        str(ROOT / "pipelines" / "coco_to_shards.py"),
-        "--coco",
-        str(FIXTURE / "annotations.json"),
-        "--output",
-        str(out),
-        "--synthetic-proposals",
-        "--distractors",
-        "4",
-        "--shard-size",
-        "40",
-    ]
-    subprocess.run(command, env=engine_env, check=True, timeout=300, capture_output=True)
-    return out
 
 
 def run(command, env, timeout=600):
