@@ -95,10 +95,9 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from pipelines.make_fixture import generate_fixture
-
     from pipelines import eval_upn, train_upn
     from pipelines.coco_to_shards import convert
+    from scaffold.make_fixture import generate_fixture
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)

@@ -87,11 +87,7 @@ def _write_tar(path: Path, extra=None) -> Path:
 
 def _decode(items: list, max_bytes: int = 1 << 24) -> dict[str, str]:
     """Run the real decode stage over a listing; {uri: reject reason or ""}."""
-    try:
-        from stages.decode import DecodeConfig  # where the engine v2 refactor puts it
-    except ImportError:
-        from engine.config import DecodeConfig
-    from stages.decode import Decode
+    from stages.decode import Decode, DecodeConfig
 
     table = listing_table(items)
     batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
