@@ -70,6 +70,8 @@ def test_killed_run_resumes_and_finishes_every_step(killed_then_resumed):
     # the loss curve carries on from the checkpoint: one entry per logging step, none repeated or lost
     assert [step for step, _ in summary["losses"]] == list(range(EVERY, STEPS + 1, EVERY))
     assert all(math.isfinite(loss) and loss > 0 for _, loss in summary["losses"])
+    # the local Ray has no dashboard; Ray Train's cleaner would warn about its State API every second
+    assert "Failed to query Ray Train Controller" not in logs
 
 
 def test_trained_model_loads_and_differs_from_its_start(killed_then_resumed, engine_env):
