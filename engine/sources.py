@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.errors import RetryableError
-from engine.input_text import encode_text, from_metadata
+from engine.input_text import TEXT_SUFFIXES, encode_text, from_metadata
 from engine.storage import StorageError, filesystem_for, is_remote, local_path, scheme_of, split_uri, to_uri
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -74,8 +74,10 @@ class SourceItem:
     `path` is a local absolute path or an object-store URI that any node can open; it names a tar when
     `offset >= 0` (member data at `offset`, `size` bytes). `problem`, when set, is the reject reason the
     listing already knows: decode rejects the item without reading anything. `siblings` is JSON
-    `{ext: [offset, size]}` of the other members of the same webdataset sample in a tar (captions, metadata)
-    for whoever wants them; "" when there are none.
+    `{ext: [offset, size]}` of the other parts of the same sample (captions, metadata) for whoever wants
+    them: members of the same webdataset sample in a tar, or, for an image in a folder or prefix, the
+    files beside it with the same stem (`scene.txt` beside `scene.jpg`; offset -1, see `sidecar_path`);
+    "" when there are none.
     """
 
     uri: str
@@ -90,6 +92,23 @@ class SourceItem:
 
 def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
+
+
+def sidecar_path(path: str, ext: str) -> str:
+    """The file beside an image file or object that shares its stem: `a/scene.jpg` -> `a/scene.txt`."""
+    return path[: len(path) - len(PurePosixPath(path).suffix)] + "." + ext
+
+
+def _sidecars(image_path: str, sizes: dict[str, int]) -> str:
+    """`siblings` JSON of an image's caption/metadata files, from the sizes of the files listed beside it.
+    Only the size is noted here; a worker reads the bytes (and skips any over MAX_TEXT_BYTES)."""
+    found = {}
+    for suffix in TEXT_SUFFIXES:
+        ext = suffix.lstrip(".")
+        size = sizes.get(sidecar_path(image_path, ext))
+        if size is not None:
+            found[ext] = [-1, size]
+    return json.dumps(found) if found else ""
 
 
 # --- object-store helpers ------------------------------------------------------------------------------
@@ -191,32 +210,40 @@ def _canonical(location: str) -> str:
 
 
 def list_folder(folder: Path, dataset: str) -> Iterator[SourceItem]:
-    """Every image file under `folder` (recursive, sorted, hidden files and non-image suffixes skipped)."""
+    """Every image file under `folder` (recursive, sorted, hidden files and non-image suffixes skipped),
+    with the `.txt` / `.json` beside it (alt text, metadata) noted in `siblings`."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        root = os.path.abspath(root)
+        texts = {}
+        for name in files:
+            if name.endswith(TEXT_SUFFIXES):
+                try:
+                    texts[os.path.join(root, name)] = os.path.getsize(os.path.join(root, name))
+                except OSError:
+                    continue  # gone or unreadable: no caption, the image is still listed
         for name in sorted(files):
             if is_image_name(name):
                 path = os.path.join(root, name)
-                caption = Path(path).with_suffix(".txt")  # alt text beside the image, if any
-                text = encode_text(caption.read_text(errors="replace")) if caption.is_file() else ""
-                yield SourceItem(
-                    uri=os.path.abspath(path), dataset=dataset, path=os.path.abspath(path), text=text
-                )
+                yield SourceItem(uri=path, dataset=dataset, path=path, siblings=_sidecars(path, texts))
 
 
 def list_prefix(uri: str, dataset: str) -> Iterator[SourceItem]:
     """Every image object under an object-store prefix, in the order `list_folder` lists a local copy."""
     fs, root = _filesystem(uri)
     scheme = scheme_of(uri)
-    found = []
+    found, texts = [], {}
     for info in _list_objects(fs, root, uri, recursive=True):
         if info.type != pafs.FileType.File:
             continue
         parts = info.path[len(root) + 1 :].split("/")
         if is_image_name(parts[-1]) and not any(part.startswith(".") for part in parts[:-1]):
             found.append((_walk_order(parts), info.path))
+        elif parts[-1].endswith(TEXT_SUFFIXES):
+            texts[info.path] = info.size
     for _, path in sorted(found):
-        yield SourceItem(uri=to_uri(scheme, path), dataset=dataset, path=to_uri(scheme, path))
+        location = to_uri(scheme, path)
+        yield SourceItem(uri=location, dataset=dataset, path=location, siblings=_sidecars(path, texts))
 
 
 class _MetadataTooLarge(tarfile.HeaderError):

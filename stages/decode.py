@@ -16,7 +16,7 @@ from engine.config import Resources, Strict
 from engine.images import DecodeLimits, ImageRejected, decode
 from engine.input_text import MAX_TEXT_BYTES, decode_text, sample_text
 from engine.items import Item, items_to_batch
-from engine.sources import LISTING_SCHEMA, ReadError, read_bytes
+from engine.sources import LISTING_SCHEMA, ReadError, read_bytes, sidecar_path
 from engine.stage import RunContext, Stage
 from schemas import SCHEMA_VERSION
 
@@ -110,18 +110,24 @@ class Decode(Stage):
                 self._decode(item, str(self._where[item.uri]["dataset"]), self._input_text(item.uri))
 
     def _input_text(self, uri: str) -> str:
-        """The input's own caption/conversation: listed with it, or read here from its webdataset sample's
-        `.txt`/`.json` members (workers read bytes; the driver only noted where they are)."""
+        """The input's own caption/conversation: listed with it, or read here from its sample's `.txt` /
+        `.json` (members of its webdataset sample, or files beside it in a folder or prefix; workers read
+        the bytes, the driver only noted where they are and how big)."""
         where = self._where[uri]
         if where.get("text"):
             return str(where["text"])
         siblings = json.loads(where.get("siblings") or "{}")
+        path = str(where["path"])
+        in_tar = int(where["offset"]) >= 0
         members = {}
         for ext in ("txt", "json"):
             if ext in siblings and siblings[ext][1] <= MAX_TEXT_BYTES:
                 offset, size = siblings[ext]
                 try:
-                    members[ext] = read_bytes(str(where["path"]), offset, size, MAX_TEXT_BYTES)
+                    if in_tar:
+                        members[ext] = read_bytes(path, offset, size, MAX_TEXT_BYTES)
+                    else:  # the file may have changed since listing: its size is checked again on reading
+                        members[ext] = read_bytes(sidecar_path(path, ext), -1, -1, MAX_TEXT_BYTES)
                 except ReadError:
                     continue  # an unreadable caption is no caption; the image itself was fine
         return sample_text(members) if members else ""

@@ -42,22 +42,59 @@ def write_wds(path: Path, names: list[str], conversation: bool = False) -> Path:
     return path
 
 
-def test_webdataset_alt_text_and_conversation_travel_with_the_image(tmp_path):
-    """The driver notes where a sample's .txt/.json members are; decode (in a worker) reads them."""
+def decode_listing(items: list) -> list:
+    """Records (None for a reject) of the real decode stage over a listing, in listing order."""
     from engine.dedupe import KeyRegistry
     from engine.items import batch_to_items
     from engine.sources import listing_table
     from stages.decode import Decode, DecodeConfig
 
+    table = listing_table(items)
+    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    return [i.record for i in batch_to_items(Decode(DecodeConfig(), claim=KeyRegistry().claim)(batch))]
+
+
+def test_webdataset_alt_text_and_conversation_travel_with_the_image(tmp_path):
+    """The driver notes where a sample's .txt/.json members are; decode (in a worker) reads them."""
     names = ["scene_000.jpg", "scene_001.jpg"]
     items = list_inputs([str(write_wds(tmp_path / "a.tar", names, conversation=True))])
     assert all(set(json.loads(i.siblings)) == {"txt", "json"} and not i.text for i in items)
-    table = listing_table(items)
-    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
-    records = [i.record for i in batch_to_items(Decode(DecodeConfig(), claim=KeyRegistry().claim)(batch))]
+    records = decode_listing(items)
     assert [r["caption"]["input"] for r in records] == [ALT[n] for n in names]
     turns = records[0]["grounded_conversation"]
     assert turns[1] == {"role": "gpt", "text": "A ring.", "spans": []}
+
+
+def test_folder_captions_and_metadata_beside_images_are_read_by_decode(tmp_path):
+    """`scene.txt` / `scene.json` beside `scene.jpg` act like a webdataset sample's members: listing notes
+    them, decode reads them (bounded), and a caption file too large or gone leaves the image unharmed."""
+    from engine.input_text import MAX_TEXT_BYTES
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    names = ["scene_000.jpg", "scene_001.jpg", "scene_002.jpg", "scene_003.jpg", "sub/scene_005.jpg"]
+    for name in names:
+        (folder / name).write_bytes((FIXTURE / Path(name).name).read_bytes())
+    (folder / "scene_000.txt").write_text(ALT["scene_000.jpg"])
+    turns = [{"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "A ring."}]
+    (folder / "scene_001.json").write_text(json.dumps({"caption": "from json", "conversations": turns}))
+    (folder / "scene_002.txt").write_bytes(b"x" * (MAX_TEXT_BYTES + 1))  # bounded: ignored, not read
+    (folder / "sub" / "scene_005.txt").write_text("deeper")
+    (folder / "scene_006.txt").write_text("a caption without an image")
+    (folder / "notes.json").write_text("{}")
+
+    items = list_inputs([str(folder)])
+    assert [Path(i.path).relative_to(folder).as_posix() for i in items] == names
+    assert json.loads(items[0].siblings) == {"txt": [-1, len(ALT["scene_000.jpg"])]}
+    assert set(json.loads(items[1].siblings)) == {"json"} and items[3].siblings == ""
+    assert not any(i.text for i in items)  # the driver read no caption bytes
+
+    (folder / "sub" / "scene_005.txt").unlink()  # gone between listing and decode
+    records = decode_listing(items)
+    assert all(r is not None for r in records)
+    captions = [r["caption"]["input"] for r in records]
+    assert captions == [ALT["scene_000.jpg"], "from json", None, None, None]
+    assert records[1]["grounded_conversation"][1] == {"role": "gpt", "text": "A ring.", "spans": []}
 
 
 def test_tables_and_coco_captions_are_carried(tmp_path):

@@ -85,6 +85,17 @@ def _write_tar(path: Path, extra=None) -> Path:
     return path
 
 
+def _decoded_captions(items: list) -> dict[str, str | None]:
+    """{uri: the input caption decode put into the record} (workers read the caption files)."""
+    from engine.items import batch_to_items
+    from stages.decode import Decode, DecodeConfig
+
+    table = listing_table(items)
+    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    out = Decode(DecodeConfig(), claim=lambda pairs: [None] * len(pairs))(batch)
+    return {item.uri: item.record["caption"]["input"] for item in batch_to_items(out)}
+
+
 def _decode(items: list, max_bytes: int = 1 << 24) -> dict[str, str]:
     """Run the real decode stage over a listing; {uri: reject reason or ""}."""
     from stages.decode import Decode, DecodeConfig
@@ -221,6 +232,8 @@ def _tree(root: Path) -> dict[str, bytes]:
         "a/scene_002.jpg": SCENES[2].read_bytes(),
         "a/deeper/odd_rgba.png": (FIXTURE / "odd_rgba.png").read_bytes(),
         "a/notes.md": b"not an image",
+        "b/scene_001.txt": b"alt text beside the image",
+        "a/scene_002.json": json.dumps({"caption": "caption in metadata"}).encode(),
         "a/.hidden.jpg": b"hidden",
         ".cache/x.jpg": b"hidden folder",
     }
@@ -238,6 +251,7 @@ def test_s3_prefix_lists_like_a_local_folder_and_reads_bytes(tmp_path, s3_bucket
     remote = list_inputs([f"s3://{s3_bucket}/tree/"])
     rel = [i.uri[len(f"s3://{s3_bucket}/tree/") :] for i in remote]
     assert rel == [os.path.relpath(i.uri, tmp_path / "tree") for i in local]  # same images, same order
+    assert [i.siblings for i in remote] == [i.siblings for i in local]  # captions beside them, same sizes
     assert rel == ["z_root.jpg", "a/scene_002.jpg", "a/deeper/odd_rgba.png", "b/scene_001.jpg"]
     assert {i.dataset for i in remote} == {"tree"} and all(i.path == i.uri for i in remote)
     for item, name in zip(remote, rel, strict=True):
@@ -249,6 +263,11 @@ def test_s3_prefix_lists_like_a_local_folder_and_reads_bytes(tmp_path, s3_bucket
         read_bytes(f"s3://{s3_bucket}/tree/gone.jpg", -1, -1, 100)
     reasons = _decode(remote)
     assert list(reasons.values()) == ["", "", "", ""]
+    captions = {uri: text for uri, text in _decoded_captions(remote).items() if text}
+    assert captions == {
+        f"s3://{s3_bucket}/tree/a/scene_002.jpg": "caption in metadata",
+        f"s3://{s3_bucket}/tree/b/scene_001.jpg": "alt text beside the image",
+    }
 
 
 def test_s3_tar_glob_lists_headers_and_reads_members_by_range(tmp_path, s3_bucket):
