@@ -172,7 +172,12 @@ def _glob_remote(spec: str) -> list[str]:
     if first == 0:
         raise InputError(f"--input {spec!r}: wildcards in the bucket name are not supported")
     base = "/".join(parts[:first])
-    infos = _list_objects(fs, base, spec, recursive=first < len(parts) - 1)
+    # pyarrow's GCS lists no folder it did not create itself (apache/arrow#35993), at one level or
+    # recursively: list every object there and take the folders from the object names.
+    gcs = scheme in ("gs", "gcs")
+    infos = _list_objects(fs, base, spec, recursive=gcs or first < len(parts) - 1)
+    # each listed path, cut to the pattern's depth: a file at that depth, or a folder holding deeper ones
+    candidates = {"/".join(info.path.rstrip("/").split("/")[: len(parts)]) for info in infos}
 
     def matches(path: str) -> bool:
         names = path.split("/")
@@ -181,7 +186,7 @@ def _glob_remote(spec: str) -> list[str]:
             for name, pat in zip(names, parts, strict=True)
         )
 
-    found = sorted(info.path for info in infos if matches(info.path))
+    found = sorted(path for path in candidates if matches(path))
     if not found:
         raise _missing(fs, base, spec, "matches nothing")
     return [to_uri(scheme, path) for path in found]

@@ -48,6 +48,16 @@ def test_gcs_prefix_lists_reads_and_carries_captions_like_a_local_folder(tmp_pat
         list_inputs([f"gs://{gcs_bucket}/nothing/here"])
 
 
+def test_globs_match_folders_that_exist_only_as_object_names(gcs_bucket):
+    """`gs://b/sets/*` names the folders under sets/ as a local glob would, though GCS has no folders."""
+    for key in ("sets/a/1/x.jpg", "sets/b/y.jpg", "sets/c.jpg", "sets/.hidden/z.jpg", "other/d/w.jpg"):
+        put(gcs_bucket, key, SCENES[0].read_bytes())
+    uris = [i.uri.removeprefix(f"gs://{gcs_bucket}/") for i in list_inputs([f"gs://{gcs_bucket}/sets/*"])]
+    assert uris == ["sets/a/1/x.jpg", "sets/b/y.jpg", "sets/c.jpg"]
+    deeper = list_inputs([f"gs://{gcs_bucket}/*/b"])
+    assert [i.uri.removeprefix(f"gs://{gcs_bucket}/") for i in deeper] == ["sets/b/y.jpg"]
+
+
 def test_a_gcs_folder_with_only_nested_objects_is_not_empty(gcs_bucket):
     """pyarrow's GCS shows no sub-folder at one level unless Arrow made it; emptiness must look deeper."""
     put(gcs_bucket, "theirs/2024/photo.jpg", b"someone's data")
