@@ -67,7 +67,7 @@ def test_a_gcs_folder_with_only_nested_objects_is_not_empty(gcs_bucket):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_engine_writes_to_a_gcs_bucket_resumes_there_and_refuses_foreign_folders(
+def test_engine_writes_to_a_gcs_bucket_resumes_overwrites_and_refuses_foreign_folders(
     gcs_bucket, gcs_env, engine_env
 ):
     env = {**engine_env, **gcs_env}
@@ -84,10 +84,9 @@ def test_engine_writes_to_a_gcs_bucket_resumes_there_and_refuses_foreign_folders
         "--quiet",
     ]
 
-    def run(out: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*command, "--output", out], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
-        )
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        argv = [*command, "--output", out, *extra]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
     first = run(output)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -102,6 +101,13 @@ def test_engine_writes_to_a_gcs_bucket_resumes_there_and_refuses_foreign_folders
     assert again.returncode == 0, again.stderr[-3000:]
     assert "run: 0 processed" in again.stdout and out.files("shards", ".tar") == shards
 
+    out.write_text("shards/stray.txt", "left by someone")
+    fresh = run(output, "--overwrite")  # deletes the output, nested objects included, then runs again
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert not out.exists("shards/stray.txt") and len(json.loads(out.read_text("manifest.json"))["runs"]) == 1
+
     put(gcs_bucket, "theirs/2024/photo.jpg", b"someone's data")
-    refused = run(f"gs://{gcs_bucket}/theirs")
-    assert refused.returncode != 0 and "not empty and not a Rexverse output" in refused.stderr
+    for extra in ((), ("--overwrite",)):
+        refused = run(f"gs://{gcs_bucket}/theirs", *extra)
+        assert refused.returncode != 0 and "not a Rexverse output" in refused.stderr
+    assert Folder(f"gs://{gcs_bucket}/theirs").files(recursive=True) == ["2024/photo.jpg"]
