@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -130,37 +132,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 at a free port for the whole session; yields its endpoint URL."""
+@contextmanager
+def serving(command: list[str], port: int, name: str, log: Path) -> Iterator[str]:
+    """Run a test server on 127.0.0.1:`port`; yield its URL once it accepts connections (60 s at most), then
+    stop it."""
+    import socket
     import time
-    import urllib.error
-    import urllib.request
 
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 60
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"moto server exited ({proc.returncode}): {log.read_text()[-2000:]}")
+                pytest.fail(f"{name} exited ({proc.returncode}): {log.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(url, timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except urllib.error.HTTPError:
-                break  # it answered
             except OSError:
                 if time.time() > deadline:
-                    pytest.fail(f"moto server not up within 60 s: {log.read_text()[-2000:]}")
+                    pytest.fail(f"{name} not up within 60 s: {log.read_text()[-2000:]}")
                 time.sleep(0.1)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -168,6 +161,15 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 at a free port for the whole session; yields its endpoint URL."""
+    port = _free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, port, "moto server", tmp_path_factory.mktemp("moto") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -201,37 +203,12 @@ def s3_bucket(s3_env) -> str:
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
     """gcp-storage-emulator on 127.0.0.1 at a free port for the whole session, in memory; yields its URL."""
-    import socket
-    import time
-
-    log = tmp_path_factory.mktemp("gcs") / "server.log"
     port = _free_port()
-    emulator = shutil.which("gcp-storage-emulator") or str(
-        Path(sys.executable).parent / "gcp-storage-emulator"
-    )
+    name = "gcp-storage-emulator"
+    emulator = shutil.which(name) or str(Path(sys.executable).parent / name)
     command = [emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"GCS emulator exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"GCS emulator not up within 60 s: {log.read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with serving(command, port, "GCS emulator", tmp_path_factory.mktemp("gcs") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
