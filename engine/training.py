@@ -1,8 +1,8 @@
 """Ray Train plumbing shared by the training pipelines (ChatRex, UPN): shard lists, the learning-rate
 schedule, checkpoints that hold model + optimizer + loop state, resuming, and one run to one final folder.
 
-A training loop (on the workers) calls `restore_checkpoint` first and `report_checkpoint` every so often;
-the driver calls `fit_to_folder`, which refuses a cluster whose CPUs the workers would take whole and
+A training loop (on the workers) loads inside `restored_checkpoint` and calls `report_checkpoint` every so
+often; the driver calls `fit_to_folder`, which refuses a cluster whose CPUs the workers would take whole and
 copies the run's last checkpoint into place atomically, so a rerun finds either nothing or a whole model.
 """
 
@@ -14,7 +14,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,31 +55,28 @@ def new_state() -> dict[str, Any]:
     return {"step": 0, "epoch": 0, "losses": [], "seconds": 0.0}
 
 
-def restore_checkpoint(prefix: str) -> tuple[dict[str, Any], Path | None]:
-    """(state, folder) of the run's latest checkpoint, copied to a temporary folder the caller removes once
-    it has loaded from it (`discard_restored`); (new state, None) when the run starts afresh."""
+@contextmanager
+def restored_checkpoint() -> Iterator[tuple[dict[str, Any], Path | None]]:
+    """(loop state, folder) of the run's latest checkpoint, read where Ray Train puts it (no copy of ours:
+    at 7B a checkpoint with its optimizer is tens of GB); load the model from the folder inside the block.
+    (new state, None) when the run starts afresh."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return new_state(), None
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    with checkpoint.as_directory() as source:
-        shutil.copytree(source, folder, dirs_exist_ok=True)
-    return json.loads((folder / STATE_FILE).read_text()), folder
+        yield new_state(), None
+        return
+    with checkpoint.as_directory() as folder:
+        yield json.loads((Path(folder) / STATE_FILE).read_text()), Path(folder)
 
 
-def load_optimizer_state(optimizer: Any, restored: Path | None) -> None:
-    """Continue the optimizer's moments from a restored checkpoint, when it has them."""
+def saved_optimizer_state(restored: Path | None) -> dict | None:
+    """The optimizer's moments in a restored checkpoint, read into memory (None when there are none)."""
     import torch
 
-    if restored is not None and (restored / OPTIMIZER_FILE).exists():
-        optimizer.load_state_dict(torch.load(restored / OPTIMIZER_FILE, map_location="cpu"))
-
-
-def discard_restored(restored: Path | None) -> None:
-    if restored is not None:
-        shutil.rmtree(restored, ignore_errors=True)
+    if restored is None or not (restored / OPTIMIZER_FILE).exists():
+        return None
+    return torch.load(restored / OPTIMIZER_FILE, map_location="cpu")
 
 
 def report_checkpoint(

@@ -34,11 +34,10 @@ from engine.config import ConfigError, RayConfig  # noqa: E402
 from engine.training import (  # noqa: E402
     OPTIMIZER_FILE,
     STATE_FILE,
-    discard_restored,
     fit_to_folder,
-    load_optimizer_state,
     report_checkpoint,
-    restore_checkpoint,
+    restored_checkpoint,
+    saved_optimizer_state,
     shard_paths,
     warmup_cosine,
 )
@@ -102,13 +101,15 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
-    state, restore_dir = restore_checkpoint("chatrex-restore-")  # an interrupted run of this stage
-    if restore_dir is not None and rank == 0:
-        print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
-    model_dir = restore_dir or Path(config["start_dir"])
     dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
-    model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
-    processor = ChatRexProcessor.from_pretrained(model_dir)
+    with restored_checkpoint() as (state, restored):  # an interrupted run of this stage, or its start
+        model_dir = restored or Path(config["start_dir"])
+        model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        processor = ChatRexProcessor.from_pretrained(model_dir)
+        # LoRA's adapters are merged into the saved model: its optimizer state no longer fits
+        moments = None if stage.lora else saved_optimizer_state(restored)
+    if restored is not None and rank == 0:
+        print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
     model.set_trainable(stage.name, train_vision=stage.vision_trains)
     if stage.lora:
         # projectors + new token rows; the LLM body trains through LoRA
@@ -118,9 +119,8 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     inner = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
-    if not stage.lora:  # LoRA's adapters are merged into the saved model: its optimizer state no longer fits
-        load_optimizer_state(optimizer, restore_dir)
-    discard_restored(restore_dir)
+    if moments is not None:
+        optimizer.load_state_dict(moments)
     resumed_at = state["step"]  # the scheduler counts from 0 in this process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + resumed_at, stage))
     shard = ray.train.get_dataset_shard("train")

@@ -29,11 +29,10 @@ if __package__ in (None, ""):
 from engine.training import (  # noqa: E402
     OPTIMIZER_FILE,
     STATE_FILE,
-    discard_restored,
     fit_to_folder,
-    load_optimizer_state,
     report_checkpoint,
-    restore_checkpoint,
+    restored_checkpoint,
+    saved_optimizer_state,
     shard_paths,
     warmup_cosine,
 )
@@ -85,16 +84,17 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"] + rank)
-    state, restore = restore_checkpoint("upn-restore-")
-    if restore is not None and rank == 0:
+    with restored_checkpoint() as (state, restored):
+        model = UPNModel.from_pretrained(restored or config["model"])
+        moments = saved_optimizer_state(restored)
+    if restored is not None and rank == 0:
         print(f"resumed from the checkpoint of step {state['step']}", flush=True)
-    model = UPNModel.from_pretrained(restore or config["model"])
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     inner = getattr(model, "module", model)
     optimizer = optimizer_for(inner, config["lr"], config["backbone_lr"], config["weight_decay"])
-    load_optimizer_state(optimizer, restore)
-    discard_restored(restore)
+    if moments is not None:
+        optimizer.load_state_dict(moments)
     start = state["step"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s + start, config["steps"], config["warmup"])
