@@ -39,7 +39,6 @@ class Resources(Strict):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
-    max_restarts: int = Field(2, ge=0)
 
 
 class ModelRef(Strict):

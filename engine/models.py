@@ -25,7 +25,7 @@ def resolve_model(name_or_path: str) -> str:
     """
     if not name_or_path.startswith(TINY_PREFIX):
         return name_or_path
-    from scaffold.tiny_models import resolve_model as resolve_tiny
+    from scaffold.names import resolve_model as resolve_tiny
 
     return resolve_tiny(name_or_path)
 

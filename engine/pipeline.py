@@ -141,8 +141,13 @@ def group_resources(group: list[tuple[type[Stage], Any]]) -> Resources:
 
 
 def map_stage(ds: Any, group: list[tuple[type[Stage], Any]], context: RunContext) -> Any:
-    """One stage (or fused group) as an actor pool; restarts and retries, so a crashed actor or a lost
-    node costs a retry, never a record."""
+    """One stage (or fused group) as an actor pool.
+
+    Restarts and retries are Ray Data's own defaults for actor pools (actors restarted and their tasks
+    retried without a count limit, `max_restarts=-1`, `max_task_retries=-1`): a crashed actor or a lost node
+    costs a retry, never a record, for as long as the cluster can place the actor. (Passing them as extra
+    `map_batches` keywords is deprecated since Ray 2.5x, and small counts ended runs on a lost node.)
+    """
     resources = group_resources(group)
     if len(group) == 1:
         stage, stage_cfg = group[0]
@@ -158,8 +163,6 @@ def map_stage(ds: Any, group: list[tuple[type[Stage], Any]], context: RunContext
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
         udf_modifying_row_count=False,
-        max_restarts=resources.max_restarts,
-        max_task_retries=resources.max_restarts,
     )
 
 
@@ -193,6 +196,8 @@ def run_ray(
         context = RunContext(registry_name=registry_name, namespace=namespace)
         ds = chain(ray.data.from_arrow(tables), cfg, context)
         sink = make_datasink(out, run_id, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
+        # Ray 2.60's write_datasink has no named resource parameters (only `ray_remote_args`, which it does
+        # not deprecate, unlike map_batches' extra keywords): without them a write task asks for a whole CPU.
         ds.write_datasink(
             sink, ray_remote_args={"num_cpus": cfg.sink.num_cpus, "max_retries": cfg.sink.max_retries}
         )

@@ -54,7 +54,7 @@ def init_ray(cfg: RayConfig, namespace: str) -> bool:
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     context = DataContext.get_current()
     context.max_errored_blocks = cfg.max_errored_blocks
-    # A failing object store is retried (up to each stage's max_restarts), never turned into rejects
+    # A failing object store is retried (Ray Data retries actor tasks), never turned into rejects
     context.actor_task_retry_on_errors = [RetryableError]
     context.enable_progress_bars = cfg.show_progress
     context.print_on_execution_start = cfg.show_progress

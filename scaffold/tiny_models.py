@@ -150,11 +150,9 @@ def build_atomically(final: Path, build: Callable[[Path], object]) -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map `tiny:<name>` to its built folder; return any other model id or path unchanged."""
-    if name_or_path == f"{TINY_PREFIX}chatrex":  # built from these parts by tiny_chatrex.py
-        from scaffold.tiny_chatrex import ensure_tiny_chatrex
+    """Map `tiny:<name>` to its built folder; return any other model id or path unchanged.
 
-        return str(ensure_tiny_chatrex())
+    `tiny:chatrex` is built from these parts by `scaffold.tiny_chatrex`; `scaffold.names` resolves both."""
     if name_or_path.startswith(TINY_PREFIX):
         return str(ensure_tiny_model(name_or_path[len(TINY_PREFIX) :]))
     return name_or_path
@@ -749,7 +747,7 @@ def _build_groundingdino_official(out: Path) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from stages.backends.groundingdino_py import build_official_model
+    from stages.backends.groundingdino_build import build_official_model
 
     vocab = _wordpiece_vocab()
     bert_config = BertConfig(

@@ -126,7 +126,7 @@ class Proposals(Stage):
         if cfg.backend == "upn":
             from stages.backends.upn import UPNProposer
 
-            self.model = UPNProposer(cfg)
+            self.model = UPNProposer(cfg.model, cfg.granularity)
         else:
             self.model = Owlv2Objectness(cfg) if cfg.backend == "owlv2" else GenericPromptDetector(cfg)
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 
 pytest.importorskip("groundingdino")
 
-from stages.backends import groundingdino_py  # noqa: E402
+from stages.backends import groundingdino_build, groundingdino_py  # noqa: E402
 from stages.backends.groundingdino_py import (  # noqa: E402
     GroundingDinoPy,
     apply_transformers5_compat,
@@ -195,7 +195,7 @@ def test_text_encoder_must_be_local(folder: Path, tmp_path: Path) -> None:
 
 
 def test_checkpoint_loads_without_missing_weights(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger=groundingdino_py.__name__):
+    with caplog.at_level("WARNING", logger=groundingdino_build.__name__):
         model = groundingdino_py.load_official_model(
             folder / "GroundingDINO_tiny.py", folder / "groundingdino_tiny.pth"
         )
@@ -246,11 +246,11 @@ def test_compat_is_idempotent_and_isolated(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(gd_model, "BertModelWarper", bertwarper.BertModelWarper)  # as shipped; undone after
     assert apply_transformers5_compat() is True
     patched = gd_model.BertModelWarper
-    assert patched is groundingdino_py._BertWarper
+    assert patched is groundingdino_build._BertWarper
     assert apply_transformers5_compat() is False and gd_model.BertModelWarper is patched
 
     # A second import of the module (a fresh copy under another name) finds the patch and leaves it.
-    spec = importlib.util.spec_from_file_location("groundingdino_py_copy", groundingdino_py.__file__)
+    spec = importlib.util.spec_from_file_location("groundingdino_build_copy", groundingdino_build.__file__)
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
     assert copy._BertWarper is not patched
@@ -263,7 +263,7 @@ def test_compat_is_idempotent_and_isolated(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_compat_forward_matches_bert_and_keeps_phrases_apart(folder: Path) -> None:
     bert = _tiny_bert(folder)
-    warper = groundingdino_py._BertWarper(bert).eval()
+    warper = groundingdino_build._BertWarper(bert).eval()
     ids = torch.tensor([[2, 40, 41, 6, 42, 6, 3], [2, 43, 6, 3, 0, 0, 0]])
     mask = (ids != 0).long()
     types = torch.zeros_like(ids)

@@ -90,3 +90,80 @@ def test_a_moved_module_or_a_missing_name_is_caught():
         "probe.py:from engine.training import no_such_function: not defined there",
         "probe.py:import upn.nowhere",
     ]
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """The project modules a file imports anywhere (top level, in functions, under TYPE_CHECKING)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] in PACKAGES and module_file(m)}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each sorted; a self-import counts too."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1 or node in graph.get(node, ()):
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def module_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (a package's `__init__.py` is the package itself)."""
+    graph: dict[str, set[str]] = {}
+    for folder in sorted(PACKAGES):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            is_init = parts[-1] == "__init__"
+            name = ".".join(parts[:-1] if is_init else parts)
+            package = name if is_init else name.rpartition(".")[0]
+            graph[name] = imported_modules(path.read_text(), package) - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No two project modules import each other, directly or around a loop, at any level: a function-level
+    import still ties the modules (and turns into an import-time failure as soon as someone hoists it)."""
+    graph = module_graph()
+    assert len(graph) > 80
+    assert import_cycles(graph) == []
+
+
+def test_an_import_cycle_is_caught():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert import_cycles(graph) == [["a", "b", "c"], ["e"]]

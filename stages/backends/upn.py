@@ -7,26 +7,26 @@ share the `max_proposals` cap evenly, and every kept box records the granularity
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.ops import box_convert
 
+from engine.config import ModelRef
 from engine.models import load_model
 from upn import UPNModel
 from upn.data import preprocess
-
-if TYPE_CHECKING:
-    from stages.proposals import ProposalsConfig
 
 
 class UPNProposer:
     """`images -> [{granularity: (scores, xyxy boxes in the image's pixels)}]`, one encoder pass per batch."""
 
-    def __init__(self, cfg: ProposalsConfig) -> None:
-        self.model, self.device = load_model(UPNModel, cfg.model)
-        self.granularities = ["coarse", "fine"] if cfg.granularity == "both" else [cfg.granularity]
+    def __init__(self, model: ModelRef, granularity: str) -> None:
+        # The model and granularity rather than the stage's config: the stage imports this module, so this
+        # module must not import the stage's.
+        self.model, self.device = load_model(UPNModel, model)
+        self.granularities = ["coarse", "fine"] if granularity == "both" else [granularity]
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
