@@ -70,8 +70,21 @@ class RayConfig(Strict):
     # two of them loaded once). A group runs with its first stage's batch size and concurrency and the
     # largest num_cpus / num_gpus / torch_threads of its members. Execution only: not in the content hash.
     fuse: list[list[str]] = Field(default_factory=list)
-    read_block_rows: int = Field(32, ge=1)
+    read_block_rows: int = Field(32, ge=1)  # member rows per block that a source's reader emits
+    # Partitions (actors) of the run's key table for exact dedupe; any count keeps the owners on resume.
+    dedupe_partitions: int = Field(4, ge=1)
+    # Whole passes over the sources still to do, within one command, when Ray fails the run (a node lost
+    # past Ray's own retries): each pass resumes from the committed parts, like a rerun would.
+    run_attempts: int = Field(3, ge=1)
     show_progress: bool = True
+
+
+class SourcesConfig(Strict):
+    """How sources are listed (driver) and read (workers). Execution only: not in the content hash."""
+
+    page_files: int = Field(1000, ge=1)  # loose files (a folder or prefix) per work unit
+    max_member_bytes: int = Field(64 * 1024 * 1024, ge=1)  # a bigger tar member or file is a reject, unread
+    num_cpus: float = Field(0.25, ge=0)  # per read task
 
 
 class SinkConfig(Strict):
@@ -82,6 +95,9 @@ class SinkConfig(Strict):
     dataset_name: str = "rexverse"
     num_cpus: float = Field(0.25, ge=0)  # per write task: whole CPUs would starve the stages on small nodes
     max_retries: int = Field(3, ge=0)  # a write task lost with its node is retried; its parts stay unique
+    # rejects.parquet (all rejects in one file) is rebuilt only while the output holds at most this many;
+    # past it readers read rejects/ (one file per part) and no merged file is rewritten at pool scale.
+    merge_rejects_max: int = Field(100_000, ge=0)
 
 
 class EngineConfig(Strict):
@@ -95,6 +111,7 @@ class EngineConfig(Strict):
     seed: int = 0
     stages: Any
     ray: RayConfig = RayConfig()
+    sources: SourcesConfig = SourcesConfig()
     sink: SinkConfig = SinkConfig()
 
     @field_validator("name")
@@ -109,7 +126,7 @@ class EngineConfig(Strict):
 
     def content_hash(self) -> str:
         """Hash of everything that changes the output (models, prompts, thresholds), not of resources."""
-        data = self.model_dump(mode="json", exclude={"ray", "sink", "name"})
+        data = self.model_dump(mode="json", exclude={"ray", "sources", "sink", "name"})
         strip_resources(data)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

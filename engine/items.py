@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-COLUMNS = ("key", "uri", "image", "record", "error_stage", "error_reason", "trace")
+COLUMNS = ("key", "uri", "image", "record", "error_stage", "error_reason", "trace", "source", "ordinal")
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Item:
     error_stage: str = ""
     error_reason: str = ""
     trace: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str = ""  # the work unit it came from (engine.units) and its place there, for the books
+    ordinal: int = -1
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,8 @@ def items_to_batch(items: list[Item]) -> dict[str, np.ndarray]:
         "error_stage": _column([i.error_stage for i in items]),
         "error_reason": _column([i.error_reason for i in items]),
         "trace": _column([json.dumps(i.trace) for i in items]),
+        "source": _column([i.source for i in items]),
+        "ordinal": np.array([i.ordinal for i in items], dtype=np.int64),
     }
 
 
@@ -78,6 +82,8 @@ def batch_to_items(batch: dict[str, Any]) -> list[Item]:
             error_stage=str(batch["error_stage"][i] or ""),
             error_reason=str(batch["error_reason"][i] or ""),
             trace=json.loads(batch["trace"][i]) if batch["trace"][i] else {},
+            source=str(batch["source"][i] or "") if "source" in batch else "",
+            ordinal=int(batch["ordinal"][i]) if "ordinal" in batch else -1,
         )
         for i in range(n)
     ]

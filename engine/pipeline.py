@@ -9,24 +9,44 @@ exactly one record or one reject, and fails loudly, naming the gap, if not.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import ledger
 from engine.config import EngineConfig, Resources
-from engine.dedupe import KeyRegistry
+from engine.dedupe import KeyRegistry, PartitionedRegistry
 from engine.items import Item, batch_to_items
-from engine.sink import Committed, PartWriter, clean_uncommitted, load_committed, make_datasink, merge_rejects
-from engine.sources import SourceItem, list_inputs, listing_table
+from engine.sink import (
+    Committed,
+    OldOutputError,
+    PartWriter,
+    add_marker,
+    clean_uncommitted,
+    load_committed,
+    make_datasink,
+    merge_rejects,
+)
+from engine.sources import InputError
 from engine.stage import RunContext, Stage, StageGroup
 from engine.stats import RunStats, format_table
 from engine.storage import Folder
+from engine.units import (
+    SourceUnit,
+    count_members,
+    list_units,
+    read_units_batches,
+    recorded_members,
+    rows_table,
+    unit_rows,
+    units_table,
+)
 from engine.version import code_version
 from schemas import SCHEMA_VERSION
 
@@ -77,29 +97,82 @@ def prepare_output(out: Folder, cfg: EngineConfig, overwrite: bool) -> None:
     out.mkdirs()
 
 
+# --- planning: which sources still need work -------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The units this run reads, and per source how many members it must account for (None: as many as
+    the source holds, which its reader records)."""
+
+    units: list[SourceUnit]
+    limits: dict[str, int]
+    complete: int  # sources skipped whole: every member committed for good
+
+
+def plan_units(
+    cfg: EngineConfig, inputs: list[str], limit: int | None, committed: Committed, members: dict[str, int]
+) -> Plan:
+    """List the sources and give each the ordinals it may skip (committed records and content rejects;
+    stage-error rejects are read again). With --limit the first sources are counted until N members."""
+    units, limits, complete = [], {}, 0
+    remaining = limit
+    for unit in list_units(inputs, dataset=cfg.sink.dataset_name, page_files=cfg.sources.page_files):
+        if remaining is not None and remaining <= 0:
+            break
+        books = committed.ledger.books(unit.source)
+        total = members.get(unit.source)
+        if remaining is not None:
+            held = total if total is not None else count_members(unit)
+            unit.max_members = min(remaining, held)
+            limits[unit.source] = unit.max_members
+            remaining -= unit.max_members
+            total = unit.max_members
+        if total is not None and not ledger.missing(books.final, total):
+            complete += 1
+            continue
+        unit.skip = json.dumps([list(r) for r in books.final])
+        units.append(unit)
+    return Plan(units, limits, complete)
+
+
 # --- executors -------------------------------------------------------------------------------------------
 
 
 def run_sequential(
     cfg: EngineConfig,
     stages: Sequence[type[Stage]],
-    todo: list[SourceItem],
+    units: list[SourceUnit],
     committed: Committed,
+    out: Folder,
     writer: PartWriter,
 ) -> list[dict[str, Any]]:
-    """The same stages in one process, batch by batch (no Ray); the first stage reads the listing."""
-    context = RunContext(registry=KeyRegistry(committed.key_owners))
+    """The same stages in one process, batch by batch (no Ray); the first stage reads the member rows."""
+    registry = PartitionedRegistry(cfg.ray.dedupe_partitions)
+    registry.load(out, committed.parts)
+    context = RunContext(registry=registry)
     active = active_stages(stages, cfg)
     objects = [stage(**stage.constructor_kwargs(stage_cfg, context)) for stage, stage_cfg in active]
     batch_size = active[0][1].resources.batch_size
-    for start in range(0, len(todo), batch_size):
-        table = listing_table(todo[start : start + batch_size])
+
+    def flush(rows: list[dict[str, Any]]) -> None:
+        table = rows_table(rows)
         columns = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
         items = batch_to_items(objects[0](columns))
         for stage in objects[1:]:
             stage.run(items)
         for item in items:
             writer.add(item)
+
+    for unit in units:
+        rows: list[dict[str, Any]] = []
+        for row in unit_rows(unit, cfg.sources.max_member_bytes, out):
+            rows.append(row)
+            if len(rows) >= batch_size:
+                flush(rows)
+                rows = []
+        if rows:
+            flush(rows)
     return writer.close()
 
 
@@ -166,35 +239,56 @@ def map_stage(ds: Any, group: list[tuple[type[Stage], Any]], context: RunContext
     )
 
 
+def start_key_table(
+    out: Folder, parts: list[str], run_id: str, partitions: int
+) -> tuple[list[str], list[Any]]:
+    """The run's key table: `partitions` named actors next to the driver (a lost worker node must not take
+    any of it along), each loading the owners of its keys from the committed parts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    names = [f"rexverse-keys-{run_id}-{i}" for i in range(partitions)]
+    actors = [
+        ray.remote(KeyRegistry).options(name=name, num_cpus=0, scheduling_strategy=here).remote()
+        for name in names
+    ]
+    loaded = ray.get([actor.load.remote(out, parts, i, partitions) for i, actor in enumerate(actors)])
+    log.info("key table: %d keys committed before, in %d partitions", sum(loaded), partitions)
+    return names, actors
+
+
 def run_ray(
     cfg: EngineConfig,
     chain: Chain,
-    todo: list[SourceItem],
+    units: list[SourceUnit],
     committed: Committed,
     out: Folder,
     run_id: str,
 ) -> list[dict[str, Any]]:
-    """Stream the listing through the job's chain; workers write and commit the parts.
+    """Stream the sources through the job's chain; workers read the sources, write and commit the parts.
 
-    The driver holds the listing and receives per-part results (counts, stats, uris), never images.
+    The driver holds one row per source and receives per-part markers (counts, stats, per-source ranges).
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     namespace = ray.get_runtime_context().namespace
-    registry_name = f"rexverse-keys-{run_id}"
-    # The registry lives next to the driver: a lost worker node must not take the run's key table with it.
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    registry = (
-        ray.remote(KeyRegistry)
-        .options(name=registry_name, num_cpus=0, scheduling_strategy=here)
-        .remote(committed.key_owners)
-    )
+    names, actors = start_key_table(out, committed.parts, run_id, cfg.ray.dedupe_partitions)
     try:
-        rows = cfg.ray.read_block_rows
-        tables = [listing_table(todo[i : i + rows]) for i in range(0, len(todo), rows)]
-        context = RunContext(registry_name=registry_name, namespace=namespace)
-        ds = chain(ray.data.from_arrow(tables), cfg, context)
+        context = RunContext(registry_names=names, namespace=namespace)
+        listing = ray.data.from_arrow([units_table([unit]) for unit in units])  # a block per source
+        rows = listing.map_batches(
+            read_units_batches,
+            fn_kwargs={
+                "max_bytes": cfg.sources.max_member_bytes,
+                "block_rows": cfg.ray.read_block_rows,
+                "out": out,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=cfg.sources.num_cpus,
+        )
+        ds = chain(rows, cfg, context)
         sink = make_datasink(out, run_id, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
         # Ray 2.60's write_datasink has no named resource parameters (only `ray_remote_args`, which it does
         # not deprecate, unlike map_batches' extra keywords): without them a write task asks for a whole CPU.
@@ -203,49 +297,68 @@ def run_ray(
         )
         return sink.results
     finally:
-        ray.kill(registry)
+        for actor in actors:
+            ray.kill(actor)
 
 
 # --- accounting ------------------------------------------------------------------------------------------
 
 
-def check_accounting(todo: list[SourceItem], results: list[dict[str, Any]], tolerate_lost: bool) -> list[str]:
-    """Every processed uri must come back exactly once as a record or a reject.
+def check_accounting(
+    ledger_now: ledger.Ledger, expected: dict[str, int | None], tolerate_lost: bool
+) -> dict[str, ledger.Ranges]:
+    """Per source: members seen = records + rejects (+ duplicates), each member exactly once.
 
-    Returns the uris that never came back when `tolerate_lost` (Ray's `max_errored_blocks` > 0 let
-    blocks fail): the caller writes a reject row for each. Raises AccountingError otherwise.
+    `expected` is per source the members this run had to account for (None: its reader never reached its
+    end). Returns the gaps per source when `tolerate_lost` (Ray's `max_errored_blocks` > 0 let blocks fail):
+    the caller writes a reject row for each. Raises AccountingError naming the sources otherwise.
     """
-    returned = Counter(uri for result in results for uri in result["uris"])
-    sent = {item.uri for item in todo}
-    twice = sorted(uri for uri, n in returned.items() if n > 1)
-    unknown = sorted(set(returned) - sent)
-    lost = sorted(sent - set(returned))
-    counted = sum(result["records"] + result["rejects"] for result in results)
-    problems = []
-    if twice:
-        problems.append(f"{len(twice)} inputs written twice (first: {twice[0]})")
-    if unknown:
-        problems.append(f"{len(unknown)} uris written that were not sent (first: {unknown[0]})")
-    if counted != sum(returned.values()):
-        problems.append(f"parts count {counted} rows but name {sum(returned.values())} uris")
-    if lost and not tolerate_lost:
-        problems.append(f"{len(lost)} inputs never came back (first: {lost[0]})")
+    unread = sorted(source for source, total in expected.items() if total is None)
+    known = {source: total for source, total in expected.items() if total is not None}
+    gaps = {s: g for s in known if (g := ledger.missing(ledger_now.books(s).covered(), known[s]))}
+    problems = [p for p in ledger_now.problems(known) if not (tolerate_lost and "never came back" in p)]
+    if unread:
+        problems.append(f"{len(unread)} sources were never read to their end (first: {unread[0]})")
     if problems:
         raise AccountingError(
-            f"processed {len(sent)} inputs but records + rejects do not add up: {'; '.join(problems)}. "
+            f"{len(expected)} sources processed but records + rejects do not add up: {'; '.join(problems)}. "
             "Committed parts are kept; rerun the same command to process what is missing."
         )
-    return lost
+    return gaps if tolerate_lost else {}
 
 
-def write_lost(out: Folder, run_id: str, lost: list[str], shard_size: int) -> list[dict[str, Any]]:
-    """A reject row for every input whose block failed for good (allowed by max_errored_blocks)."""
+def write_lost(
+    out: Folder, run_id: str, gaps: dict[str, ledger.Ranges], shard_size: int
+) -> list[dict[str, Any]]:
+    """A reject row for every member whose block failed for good (allowed by max_errored_blocks)."""
     writer = PartWriter(out, f"{run_id}-lost", 0, shard_size)
-    for uri in lost:
-        item = Item(key="", uri=uri, image=b"", record=None, trace={"engine": {"seconds": 0.0}})
-        item.reject("engine", "lost: its block failed after all retries (ray.max_errored_blocks > 0)")
-        writer.add(item)
+    for source, ranges in sorted(gaps.items()):
+        for start, end in ranges:
+            for ordinal in range(start, end):
+                item = Item(
+                    key="", uri=f"{source}@{ordinal}", image=b"", record=None, source=source, ordinal=ordinal
+                )
+                item.trace = {"engine": {"seconds": 0.0}}
+                item.reject("engine", "lost: its block failed after all retries (ray.max_errored_blocks > 0)")
+                writer.add(item)
     return writer.close()
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A failure of the cluster (lost node, actors out of retries, a store outage), not of the inputs or
+    the code's own checks: worth another pass over the remaining sources."""
+    from engine.errors import RetryableError
+
+    if isinstance(exc, RetryableError):
+        return True
+    try:
+        from ray.exceptions import RayError, RayTaskError
+    except ImportError:
+        return False
+    if isinstance(exc, RayTaskError):
+        cause = exc.as_instanceof_cause()
+        return not isinstance(cause, (InputError, OldOutputError, ValueError, TypeError, KeyError))
+    return isinstance(exc, RayError)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -279,57 +392,121 @@ def run(
     if removed:
         log.info("removed %d files of an interrupted run", len(removed))
     committed = load_committed(out)
-    listed = list_inputs(inputs, dataset=cfg.sink.dataset_name, limit=limit)
-    todo = [item for item in listed if item.uri not in committed.uris]
+    before = copy.deepcopy(committed)
+    plan = plan_units(cfg, inputs, limit, committed, recorded_members(out))
     log.info(
-        "%d inputs listed, %d already committed (%d records, %d rejects), %d to process",
-        len(listed),
-        len(listed) - len(todo),
+        "%d sources to read, %d already committed whole (%d records, %d rejects committed before)",
+        len(plan.units),
+        plan.complete,
         committed.records,
-        committed.rejects,
-        len(todo),
+        committed.effective_rejects,
     )
+    expected_sources = [unit.source for unit in plan.units]
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
     results: list[dict[str, Any]] = []
     mode = "ray" if use_ray else "local"
-    if todo and use_ray:
+    if plan.units and use_ray:
         from engine.runtime import init_ray
 
         started_ray = init_ray(cfg.ray, namespace="rexverse")
         try:
-            results = run_ray(cfg, chain, todo, committed, out, run_id)
+            results = run_ray_attempts(cfg, chain, plan, inputs, limit, committed, out, run_id)
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
-    elif todo:
-        writer = PartWriter(
-            out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects, set(committed.key_owners)
+    elif plan.units:
+        writer = PartWriter(out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
+        results = run_sequential(cfg, stages, plan.units, committed, out, writer)
+        for result in sorted(results, key=lambda r: r["part"]):
+            add_marker(committed, result)
+    members = recorded_members(out)
+    expected = {s: plan.limits.get(s, members.get(s)) for s in expected_sources}
+    gaps = check_accounting(
+        committed.ledger, expected, tolerate_lost=use_ray and cfg.ray.max_errored_blocks > 0
+    )
+    if gaps:
+        log.warning(
+            "members of %d sources were lost with failed blocks; writing a reject row for each", len(gaps)
         )
-        results = run_sequential(cfg, stages, todo, committed, writer)
-    lost = check_accounting(todo, results, tolerate_lost=use_ray and cfg.ray.max_errored_blocks > 0)
-    if lost:
-        log.warning("%d inputs were lost with failed blocks; writing a reject row for each", len(lost))
-        results += write_lost(out, run_id, lost, cfg.sink.max_pending_rejects)
-    merge_rejects(out)
+        lost = write_lost(out, run_id, gaps, cfg.sink.max_pending_rejects)
+        for result in lost:
+            add_marker(committed, result)
+        results += lost
+    merged = merge_rejects(out, cfg.sink.merge_rejects_max)
+    if merged is None:
+        log.info(
+            "more than %d rejects: read them from rejects/ (no merged rejects.parquet)",
+            cfg.sink.merge_rejects_max,
+        )
     wall = time.time() - started
     order = [stage.name for stage in stages]
     this_run = RunStats()
     for result in results:
         this_run.merge(RunStats.from_dict(result["stats"]))
         this_run.merge_tiers(result.get("tiers"))
-    manifest = write_manifest(out, cfg, inputs, limit, len(listed), results, this_run, committed, wall, mode)
+    manifest = write_manifest(out, cfg, inputs, limit, plan, results, this_run, before, committed, wall, mode)
     print(format_table(this_run, order), flush=True)
     totals = manifest["counts"]
     records = sum(r["records"] for r in results)
     rejects = sum(r["rejects"] for r in results)
+    processed = records + rejects
     print(
-        f"run: {len(todo)} processed ({records} records, {rejects} rejects) in {wall:.1f}s; "
-        f"output totals: {totals['records']} records, {totals['rejects']} rejects -> {out.uri}",
+        f"run: {processed} processed ({records} records, {rejects} rejects) from {len(plan.units)} sources "
+        f"in {wall:.1f}s; output totals: {totals['records']} records, {totals['rejects']} rejects "
+        f"-> {out.uri}",
         flush=True,
     )
-    return RunResult(len(listed), len(listed) - len(todo), records, rejects, wall, manifest)
+    return RunResult(len(plan.units) + plan.complete, plan.complete, records, rejects, wall, manifest)
+
+
+def run_ray_attempts(
+    cfg: EngineConfig,
+    chain: Chain,
+    plan: Plan,
+    inputs: list[str],
+    limit: int | None,
+    committed: Committed,
+    out: Folder,
+    run_id: str,
+) -> list[dict[str, Any]]:
+    """`run_ray`, and when the cluster fails it (past Ray's own retries), more passes over the sources not
+    yet committed, each planned from the committed parts like a rerun (at most `ray.run_attempts` in all).
+
+    `committed` is updated with every part this run committed (in commit order).
+    """
+    known = list(committed.parts)
+    units = plan.units
+    for attempt in range(1, cfg.ray.run_attempts + 1):
+        try:
+            run_ray(cfg, chain, units, committed, out, run_id if attempt == 1 else f"{run_id}r{attempt}")
+            break
+        except Exception as exc:
+            if attempt == cfg.ray.run_attempts or not _retryable(exc):
+                raise
+            log.warning(
+                "pass %d over the sources failed (%s: %s); resuming the remaining sources",
+                attempt,
+                type(exc).__name__,
+                str(exc)[:300],
+            )
+            units = plan_units(cfg, inputs, limit, load_committed(out), recorded_members(out)).units
+            if not units:
+                break
+    new = _markers_after(out, known)
+    for marker in new:
+        add_marker(committed, marker)
+    return new
+
+
+def _markers_after(out: Folder, known: list[str]) -> list[dict[str, Any]]:
+    seen = set(known)
+    found = []
+    for name in sorted(out.list("_commits")):
+        if name.endswith(".json") and name.removesuffix(".json") not in seen:
+            found.append(json.loads(out.read_bytes(f"_commits/{name}")))
+    return found
 
 
 def write_manifest(
@@ -337,16 +514,18 @@ def write_manifest(
     cfg: EngineConfig,
     inputs: list[str],
     limit: int | None,
-    listed: int,
+    plan: Plan,
     results: list[dict[str, Any]],
     this_run: RunStats,
     before: Committed,
+    after: Committed,
     wall: float,
     mode: str,
 ) -> dict[str, Any]:
     """manifest.json: config, code version, totals over all committed parts, and this run appended to runs.
 
-    Totals are what was committed before this run plus what this run committed (no second folder scan).
+    Totals are what was committed before this run plus what this run committed (no second folder scan);
+    stage-error rejects that a later part replaced are not counted.
     """
     previous = json.loads(out.read_bytes("manifest.json")) if out.exists("manifest.json") else {}
     order = list(cfg.stages.model_fields)
@@ -361,10 +540,12 @@ def write_manifest(
         "mode": mode,
         "inputs": inputs,
         "limit": limit,
-        "listed": listed,
-        "processed": sum(len(r["uris"]) for r in results),
+        "sources": len(plan.units),
+        "sources_complete_before": plan.complete,
+        "processed": records + rejects,
         "records": records,
         "rejects": rejects,
+        "superseded_stage_errors": after.ledger.superseded - before.ledger.superseded,
         "parts": len(results),
         "wall_seconds": round(wall, 2),
         "stages": this_run.to_dict(order),
@@ -373,13 +554,14 @@ def write_manifest(
         "name": cfg.name,
         "schema_version": SCHEMA_VERSION,
         "code_version": code_version(),
+        "resume": "by-source",
         "created": previous.get("created", now),
         "updated": now,
         "config_hash": cfg.content_hash(),
         "config": cfg.model_dump(mode="json"),
         "counts": {
-            "records": before.records + records,
-            "rejects": before.rejects + rejects,
+            "records": after.records,
+            "rejects": after.effective_rejects,
             "shards": len(out.list("shards")),
         },
         "stage_order": order,

@@ -5,7 +5,9 @@ Layout of an output folder (a local path or an object-store URI, see `engine.sto
   index/PART.parquet     one row per record of that shard (schemas.INDEX_SCHEMA)
   rejects/PART.parquet   rejects committed with that part (schemas.REJECTS_SCHEMA)
   _commits/PART.json     the commit marker, written last; a part without it never happened
-  rejects.parquet        all rejects, rebuilt at the end of each run
+  _sources/HASH.json     how many members a source holds, written by the worker that read it to its end
+  rejects.parquet        all rejects, rebuilt at the end of a run while there are at most
+                         `sink.merge_rejects_max` of them (else absent: read rejects/)
   manifest.json          config, code version, counts per stage, timings
 
 PART is `{run id}-{write task:05d}-{n:03d}`: the run id keeps parts of later runs after earlier ones in
@@ -14,7 +16,7 @@ so a retried task finds its own markers and never writes a record twice. Outputs
 `NNNNNN` part names; they are read and resumed the same way.
 
 Writers run in the workers (`ShardDatasink`, Ray Data's Datasink API) or in-process (`PartWriter` used by
-`--no-ray` and the COCO converter). The driver only receives per-part counts, stats and uris.
+`--no-ray` and the COCO converter). The driver only receives per-part counts, stats and per-source ranges.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.items import Item, batch_to_items
+from engine.ledger import Ledger, marker_sources
 from engine.stats import RunStats
 from engine.storage import Folder
 from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, to_index_row, validate
 
 log = logging.getLogger("rexverse.sink")
 PART_DIRS = ("shards", "index", "rejects")
+STAGE_ERROR = "stage error"  # the reason prefix of a reject that a rerun processes again (not final)
 SUBDIRS = (*PART_DIRS, "_commits")
 
 
@@ -48,14 +52,23 @@ def part_name(run_id: str, task: int, n: int) -> str:
 
 @dataclass
 class Committed:
-    """What earlier runs committed into an output folder."""
+    """What earlier runs committed into an output folder: per-source books, counts and stats (nothing per
+    image: the key owners are loaded by the dedupe partitions themselves, from the parts named here)."""
 
     parts: list[str] = field(default_factory=list)
-    uris: set[str] = field(default_factory=set)
-    key_owners: dict[str, str] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)
     records: int = 0
     rejects: int = 0
     stats: RunStats = field(default_factory=RunStats)
+
+    @property
+    def effective_rejects(self) -> int:
+        """Rejects that stand: stage-error rejects a later part replaced do not count."""
+        return self.rejects - self.ledger.superseded
+
+
+class OldOutputError(ValueError):
+    """An output written by an engine that resumed by image, not by source; the message says what to do."""
 
 
 def clean_uncommitted(out: Folder) -> list[str]:
@@ -75,30 +88,31 @@ def clean_uncommitted(out: Folder) -> list[str]:
 
 
 def load_committed(out: Folder) -> Committed:
-    """Scan committed parts: uris already handled, key owners, counts and stats."""
+    """Read every commit marker (in commit order): per-source coverage, counts and stats."""
     state = Committed()
-    for marker_name in out.list("_commits"):
+    for marker_name in sorted(out.list("_commits")):
         if not marker_name.endswith(".json"):
             continue
-        part = marker_name.removesuffix(".json")
         info = json.loads(out.read_bytes(f"_commits/{marker_name}"))
-        state.parts.append(part)
-        state.records += info["records"]
-        state.rejects += info["rejects"]
-        state.stats.merge(RunStats.from_dict(info["stats"]))
-        state.stats.merge_tiers(info.get("tiers"))
-        if info["records"]:
-            index = _read_parquet(out, f"index/{part}.parquet", ["key", "source_uri"])
-            for key, uri in zip(index["key"].to_pylist(), index["source_uri"].to_pylist(), strict=True):
-                state.uris.add(uri)
-                state.key_owners[key] = uri
-        if info["rejects"]:
-            rejects = _read_parquet(out, f"rejects/{part}.parquet", ["uri", "key"])
-            for uri, key in zip(rejects["uri"].to_pylist(), rejects["key"].to_pylist(), strict=True):
-                state.uris.add(uri)
-                if key:
-                    state.key_owners.setdefault(key, uri)
+        add_marker(state, info)
     return state
+
+
+def add_marker(state: Committed, info: dict[str, Any]) -> None:
+    """Count one commit marker (or a part's result) into `state`."""
+    if "sources" not in info:
+        raise OldOutputError(
+            f"part {info.get('part')} was written by engine v2, which resumed image by image; this engine "
+            "resumes source by source and cannot tell which members of a source that part covers. Finish "
+            "or extend that output with the Rexverse version that wrote it, or write to a new --output "
+            "(its shards, index and rejects still read as they are)"
+        )
+    state.parts.append(info["part"])
+    state.ledger.add_marker(info)
+    state.records += info["records"]
+    state.rejects += info["rejects"]
+    state.stats.merge(RunStats.from_dict(info["stats"]))
+    state.stats.merge_tiers(info.get("tiers"))
 
 
 def _read_parquet(out: Folder, relative: str, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
@@ -125,8 +139,9 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 class PartWriter:
     """Writes items (in any order) as committed parts of up to `shard_size` records.
 
-    `known_keys` (optional) are keys already committed: a record with one becomes a reject. Ray runs
+    `known_keys` (optional) are keys already committed: a record with one becomes a reject. Engine runs
     do not need it: the run's key registry rejects such images at decode, before any model sees them.
+    Each part's marker names the sources and member ordinals it covers (`engine.ledger`).
     """
 
     def __init__(
@@ -153,7 +168,9 @@ class PartWriter:
         self.tar = tarfile.open(fileobj=self.tar_buffer, mode="w", format=tarfile.USTAR_FORMAT)
         self.index_rows: list[dict[str, Any]] = []
         self.reject_rows: list[dict[str, Any]] = []
-        self.uris: list[str] = []
+        self.items = 0
+        self.ordinals: dict[str, list[int]] = {}
+        self.stage_errors: dict[str, list[int]] = {}
         self.part_stats = RunStats()
 
     @property
@@ -161,7 +178,11 @@ class PartWriter:
         return part_name(self.run_id, self.task, self._n)
 
     def add(self, item: Item) -> None:
-        self.uris.append(item.uri)
+        self.items += 1
+        if item.source:
+            self.ordinals.setdefault(item.source, []).append(item.ordinal)
+            if not item.ok and item.error_reason.startswith(STAGE_ERROR):
+                self.stage_errors.setdefault(item.source, []).append(item.ordinal)
         if not item.ok:
             self._reject(item, item.error_stage, item.error_reason)
         else:
@@ -194,7 +215,7 @@ class PartWriter:
         (Ray retried the task after the commit): keep that one and report it, write nothing twice.
         """
         self.tar.close()
-        if not self.uris:
+        if not self.items:
             self.tar_buffer.close()
             self._open_part()
             return
@@ -219,16 +240,17 @@ class PartWriter:
                 "rejects": len(self.reject_rows),
                 "stats": self.part_stats.to_dict(),
                 "tiers": self.part_stats.tiers_dict(),
+                "sources": marker_sources(self.ordinals, self.stage_errors),
             }
             self.out.write_bytes(marker_path, json.dumps(marker, indent=1).encode())
             log.info("committed part %s: %d records, %d rejects", name, marker["records"], marker["rejects"])
-        self.results.append(marker | {"uris": self.uris})
+        self.results.append(marker)
         self.tar_buffer.close()
         self._n += 1
         self._open_part()
 
     def close(self) -> list[dict[str, Any]]:
-        """Commit what is pending; returns one result per part (marker fields + the part's uris)."""
+        """Commit what is pending; returns one result per part (its marker's fields)."""
         self.commit()
         self.tar.close()
         self.tar_buffer.close()
@@ -239,7 +261,7 @@ def make_datasink(out: Folder, run_id: str, shard_size: int, max_pending_rejects
     """A `ray.data.Datasink`: each write task (in a worker) writes and commits its own parts.
 
     Defined inside a function so that importing the sink never imports Ray. `on_write_complete` runs on
-    the driver and keeps only each part's counts, stats and uris.
+    the driver and keeps only each part's marker (counts, stats, per-source ranges).
     """
     from ray.data import Datasink
 
@@ -271,12 +293,34 @@ def make_datasink(out: Folder, run_id: str, shard_size: int, max_pending_rejects
     return ShardDatasink()
 
 
-def merge_rejects(out: Folder) -> int:
-    """Rebuild `rejects.parquet` from the committed parts; returns the number of rows."""
-    names = [name for name in out.list("rejects") if name.endswith(".parquet")]
+def merge_rejects(out: Folder, max_rows: int) -> int | None:
+    """Rebuild `rejects.parquet` from the committed parts when they hold at most `max_rows` rejects (small
+    outputs, for convenience); returns its rows, or None when the output is past that size: then readers
+    read `rejects/` (one file per part) and no merged file is left to go stale.
+
+    Stage-error rejects that a later record or reject of the same uri replaced are left out.
+    """
+    names = sorted(name for name in out.list("rejects") if name.endswith(".parquet"))
+    total = sum(pq.ParquetFile(out.open_input(f"rejects/{n}")).metadata.num_rows for n in names)
+    if total > max_rows:
+        if out.exists("rejects.parquet"):
+            out.delete("rejects.parquet")
+        return None
     tables = [
         pq.read_table(out.path(f"rejects/{n}"), schema=REJECTS_SCHEMA, filesystem=out.fs) for n in names
     ]
     table = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+    rows = table.to_pylist()
+    recorded = set()
+    for name in out.list("index"):
+        if name.endswith(".parquet"):
+            recorded.update(_read_parquet(out, f"index/{name}", ["source_uri"])["source_uri"].to_pylist())
+    last = {row["uri"]: i for i, row in enumerate(rows)}  # parts in commit order: the last one stands
+    kept = [
+        row
+        for i, row in enumerate(rows)
+        if not (row["reason"].startswith(STAGE_ERROR) and (row["uri"] in recorded or last[row["uri"]] != i))
+    ]
+    table = pa.Table.from_pylist(kept, schema=REJECTS_SCHEMA)
     out.write_bytes("rejects.parquet", _parquet_bytes(table))
     return table.num_rows

@@ -400,12 +400,17 @@ def _resolve_row(uri: str, table_location: str, table_name: str) -> str:
     )
 
 
-def list_table(location: str, dataset: str) -> Iterator[SourceItem]:
-    """Rows of a parquet/jsonl table with a `uri` column: local paths, file:// or object-store URIs."""
+def list_table(location: str, dataset: str, row_group: int = -1) -> Iterator[SourceItem]:
+    """Rows of a parquet/jsonl table with a `uri` column: local paths, file:// or object-store URIs.
+
+    `row_group >= 0` reads that row group of a parquet table only (a work unit of `engine.units`)."""
     fs, fs_path = _filesystem(location)
     name = _canonical(location) if is_remote(location) else location
     try:
-        if fs_path.endswith(".parquet"):
+        if fs_path.endswith(".parquet") and row_group >= 0:
+            with fs.open_input_file(fs_path) as handle:
+                rows = pq.ParquetFile(handle).read_row_group(row_group).to_pylist()
+        elif fs_path.endswith(".parquet"):
             rows = pq.read_table(fs_path, filesystem=fs).to_pylist()
         else:
             with fs.open_input_stream(fs_path) as stream:

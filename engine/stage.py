@@ -15,11 +15,11 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.config import Resources, Strict, strip_resources
-from engine.dedupe import KeyRegistry
+from engine.dedupe import KeyRegistry, PartitionedRegistry
 from engine.errors import RetryableError
 from engine.items import Item, batch_to_items, items_to_batch
 
@@ -41,13 +41,14 @@ def params_hash(params: dict[str, Any]) -> str:
 
 @dataclass
 class RunContext:
-    """What a stage may need from the run beyond its config: today the run's key registry (dedupe).
+    """What a stage may need from the run beyond its config: today the run's key table (dedupe).
 
-    In-process runs hand the registry itself; Ray runs name the registry actor, which workers look up.
+    In-process runs hand the registry itself (anything with `claim`); Ray runs name the partition actors
+    of the key table, which workers look up.
     """
 
-    registry: KeyRegistry | None = None
-    registry_name: str | None = None
+    registry: KeyRegistry | PartitionedRegistry | None = None
+    registry_names: list[str] = field(default_factory=list)
     namespace: str = ""
 
 

@@ -4,7 +4,7 @@ Local (embedded Ray):  python pipelines/rexverse2m.py --config configs/fixture.y
                            --input tests/fixtures/fixture100 --output out/fixture
 Cluster:               ray job submit --working-dir . -- python pipelines/rexverse2m.py --config ... \\
                            --input s3://bucket/images --output s3://bucket/rexverse2m
-A rerun into the same --output resumes: committed images are skipped, no key is written twice.
+A rerun into the same --output resumes: committed members of each source are skipped, no key is written twice.
 
 This file is the job: the ordered stages (each module owns its config class, so `stages.<name>.<field>`
 in YAML and --set), the Ray Data chain, and the run (workers write committed shard parts).
@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from engine.config import ConfigError, EngineConfig, job_config, load_config  # noqa: E402
 from engine.errors import RetryableError  # noqa: E402
 from engine.pipeline import AccountingError, OutputError, map_stage, run, stage_groups  # noqa: E402
+from engine.sink import OldOutputError  # noqa: E402
 from engine.sources import InputError  # noqa: E402
 from engine.stage import RunContext, Stage  # noqa: E402
 from stages.box_rules import BoxRules  # noqa: E402
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         run_job(
             cfg, args.input, args.output, limit=args.limit, overwrite=args.overwrite, use_ray=not args.no_ray
         )
-    except (ConfigError, InputError, OutputError, AccountingError) as exc:
+    except (ConfigError, InputError, OutputError, OldOutputError, AccountingError) as exc:
         print(f"rexverse2m: error: {exc}", file=sys.stderr)
         return 2
     except RetryableError as exc:  # e.g. an object store that kept failing (Ray's retries are spent too)

@@ -41,18 +41,20 @@ class Claimer(Protocol):
     def __call__(self, pairs: list[tuple[str, str]]) -> list[str | None]: ...
 
 
-def ray_claimer(registry_name: str, namespace: str) -> Claimer:
-    """A claim function backed by the named registry actor of this run."""
+def ray_claimer(registry_names: list[str], namespace: str) -> Claimer:
+    """A claim function backed by the named key-table partition actors of this run (in parallel)."""
     import ray
 
-    handle = ray.get_actor(registry_name, namespace=namespace)
-    return lambda pairs: ray.get(handle.claim.remote(pairs))
+    from engine.dedupe import partitioned_claim
+
+    handles = [ray.get_actor(name, namespace=namespace) for name in registry_names]
+    return partitioned_claim([handle.claim.remote for handle in handles], resolve=ray.get)
 
 
 class Decode(Stage):
     """The first stage: listing rows (where the bytes are) in, items out (a record or a reject each).
 
-    `claim` comes from a registry (in-process) or `registry_name` (the run's Ray actor).
+    `claim` comes from a registry (in-process) or `registry_names` (the run's key-table actors).
     """
 
     name = NAME
@@ -63,7 +65,7 @@ class Decode(Stage):
         self,
         cfg: DecodeConfig,
         claim: Claimer | None = None,
-        registry_name: str | None = None,
+        registry_names: list[str] | None = None,
         namespace: str = "",
     ) -> None:
         super().__init__(cfg)
@@ -76,9 +78,9 @@ class Decode(Stage):
             keep_lossless=cfg.output_format == "keep",
         )
         if claim is None:
-            if registry_name is None:
-                raise ValueError("Decode needs a claim function or a registry actor name")
-            claim = ray_claimer(registry_name, namespace)
+            if not registry_names:
+                raise ValueError("Decode needs a claim function or the key table's actor names")
+            claim = ray_claimer(registry_names, namespace)
         self.claim = claim
         self._where: dict[str, dict[str, Any]] = {}
 
@@ -86,15 +88,25 @@ class Decode(Stage):
     def constructor_kwargs(cls, cfg: DecodeConfig, context: RunContext) -> dict[str, Any]:
         if context.registry is not None:
             return {"cfg": cfg, "claim": context.registry.claim}
-        return {"cfg": cfg, "registry_name": context.registry_name, "namespace": context.namespace}
+        return {"cfg": cfg, "registry_names": context.registry_names, "namespace": context.namespace}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """`batch` holds listing columns (`engine.sources.LISTING_SCHEMA`), not items."""
-        columns = {name: batch[name] for name in LISTING_SCHEMA.names}
-        self._where = {
-            str(uri): {name: columns[name][i] for name in columns} for i, uri in enumerate(columns["uri"])
-        }
-        items = [Item(key="", uri=uri, image=b"", record=None) for uri in self._where]
+        """`batch` holds listing columns (`engine.sources.LISTING_SCHEMA`), not items; rows read by a work
+        unit's worker (`engine.units.ROW_SCHEMA`) also carry their bytes (`data`), source and ordinal."""
+        names = [name for name in (*LISTING_SCHEMA.names, "data", "source", "ordinal") if name in batch]
+        rows = [{name: batch[name][i] for name in names} for i in range(len(batch["uri"]))]
+        items = [
+            Item(
+                key="",
+                uri=str(row["uri"]),
+                image=b"",
+                record=None,
+                source=str(row.get("source") or ""),
+                ordinal=int(row["ordinal"]) if row.get("ordinal") is not None else -1,
+            )
+            for row in rows
+        ]
+        self._where = {id(item): row for item, row in zip(items, rows, strict=True)}
         self.run(items)
         return items_to_batch(items)
 
@@ -107,13 +119,13 @@ class Decode(Stage):
             if owner is not None:
                 item.reject(NAME, f"duplicate: same bytes as {owner}")
             else:
-                self._decode(item, str(self._where[item.uri]["dataset"]), self._input_text(item.uri))
+                self._decode(item, str(self._where[id(item)]["dataset"]), self._input_text(item))
 
-    def _input_text(self, uri: str) -> str:
+    def _input_text(self, item: Item) -> str:
         """The input's own caption/conversation: listed with it, or read here from its sample's `.txt` /
         `.json` (members of its webdataset sample, or files beside it in a folder or prefix; workers read
         the bytes, the driver only noted where they are and how big)."""
-        where = self._where[uri]
+        where = self._where[id(item)]
         if where.get("text"):
             return str(where["text"])
         siblings = json.loads(where.get("siblings") or "{}")
@@ -133,20 +145,34 @@ class Decode(Stage):
         return sample_text(members) if members else ""
 
     def _read(self, item: Item) -> None:
-        where = self._where[item.uri]
+        where = self._where[id(item)]
+        data = where.get("data")
         try:
-            data = read_bytes(
-                str(where["path"]),
-                int(where["offset"]),
-                int(where["size"]),
-                self.cfg.max_bytes,
-                problem=str(where["problem"] or ""),
-            )
+            if where.get("problem"):
+                raise ReadError(str(where["problem"]))
+            if data is not None:  # read by the unit's worker
+                data = bytes(data)
+                if len(data) > self.cfg.max_bytes:
+                    raise ReadError(
+                        f"file too large: {len(data)} bytes > decode.max_bytes={self.cfg.max_bytes}"
+                    )
+            else:
+                data = self._read_listed(where)
         except ReadError as exc:
             item.reject(NAME, str(exc))
             return
         item.key = hashlib.sha256(data).hexdigest()
         item.image = data
+
+    def _read_listed(self, where: dict[str, Any]) -> bytes:
+        """Bytes of an item-level listing row (tests, benches): a file, object or tar member by offset."""
+        return read_bytes(
+            str(where["path"]),
+            int(where["offset"]),
+            int(where["size"]),
+            self.cfg.max_bytes,
+            problem=str(where["problem"] or ""),
+        )
 
     def _decode(self, item: Item, dataset: str, text: str = "") -> None:
         try:

@@ -106,6 +106,27 @@ def _decode(items: list, max_bytes: int = 1 << 24) -> dict[str, str]:
     return dict(zip(out["uri"], out["error_reason"], strict=True))
 
 
+def _decode_units(path: Path, max_bytes: int = 1 << 24) -> dict[str, str]:
+    """The same through work units: the tar read in one streaming pass by a worker (engine.units)."""
+    from engine.units import list_units, rows_table, unit_rows
+    from stages.decode import Decode, DecodeConfig
+
+    rows = [row for unit in list_units([str(path)]) for row in unit_rows(unit, max_bytes)]
+    table = rows_table(rows)
+    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    out = Decode(DecodeConfig(max_bytes=max_bytes), claim=lambda pairs: [None] * len(pairs))(batch)
+    return dict(zip(out["uri"], out["error_reason"], strict=True))
+
+
+@pytest.fixture(params=["listing", "units"])
+def reasons_of(request):
+    """{uri: reject reason or ""} of a tar through decode: listed by headers on the driver and read by
+    offset (item-level, engine v2), or read front to back by a worker (work units): the same verdicts."""
+    if request.param == "listing":
+        return lambda path, max_bytes=1 << 24: _decode(list_inputs([str(path)]), max_bytes)
+    return _decode_units
+
+
 BAD_MEMBERS = {
     "dotdot": (lambda t: _member(t, "../evil.jpg", b"x" * 10), "unsafe member name: '../evil.jpg'"),
     "nested_dotdot": (
@@ -133,11 +154,11 @@ BAD_MEMBERS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MEMBERS))
-def test_unsafe_tar_members_are_rejects_with_reasons(tmp_path, case):
+def test_unsafe_tar_members_are_rejects_with_reasons(tmp_path, case, reasons_of):
     add, reason = BAD_MEMBERS[case]
     tar_path = _write_tar(tmp_path / "bad.tar", add)
     before = sorted(tmp_path.parent.rglob("*"))
-    reasons = _decode(list_inputs([str(tar_path)]))
+    reasons = reasons_of(tar_path)
     assert sorted(tmp_path.parent.rglob("*")) == before  # nothing extracted or created anywhere
     good = {f"{tar_path}#ok/{s.name}" for s in SCENES}
     assert {uri for uri, why in reasons.items() if not why} == good
@@ -145,41 +166,41 @@ def test_unsafe_tar_members_are_rejects_with_reasons(tmp_path, case):
     assert not others and bad_uri.startswith(f"{tar_path}#") and bad_reason.startswith(reason)
 
 
-def test_truncated_tar_keeps_complete_members_and_rejects_the_rest(tmp_path):
+def test_truncated_tar_keeps_complete_members_and_rejects_the_rest(tmp_path, reasons_of):
     tar_path = _write_tar(tmp_path / "full.tar")
     with tarfile.open(tar_path) as tar:
         last = tar.getmembers()[-1]
     data = tar_path.read_bytes()
     cut_data = tmp_path / "cut_data.tar"
     cut_data.write_bytes(data[: last.offset_data + 100])  # inside the last member's data
-    reasons = _decode(list_inputs([str(cut_data)]))
+    reasons = reasons_of(cut_data)
     assert [r for r in reasons.values()][:2] == ["", ""]
     assert reasons[f"{cut_data}#ok/scene_002.jpg"].startswith(
         f"truncated tar: member 'ok/scene_002.jpg' needs bytes up to {last.offset_data + last.size}"
     )
     cut_header = tmp_path / "cut_header.tar"
     cut_header.write_bytes(data[: last.offset + 100])  # inside the last member's header
-    reasons = _decode(list_inputs([str(cut_header)]))
+    reasons = reasons_of(cut_header)
     assert list(reasons.values())[:2] == ["", ""] and len(reasons) == 3
     assert reasons[f"{cut_header}#@{last.offset}"].startswith(
         f"truncated tar: unreadable header at byte {last.offset}"
     )
     first_cut = tmp_path / "first.tar"
     first_cut.write_bytes(data[:1000])  # even the first member is incomplete: one reject, not a failed run
-    assert list(_decode(list_inputs([str(first_cut)])).values()) == [
+    assert list(reasons_of(first_cut).values()) == [
         f"truncated tar: member 'ok/scene_000.jpg' needs bytes up to {512 + SCENES[0].stat().st_size} "
         "but the file ends at byte 1000; anything after it is lost"
     ]
 
 
-def test_huge_members_and_headers_are_bounded(tmp_path):
+def test_huge_members_and_headers_are_bounded(tmp_path, reasons_of):
     def huge_pax(tar):
         info = tarfile.TarInfo("PaxHeaders/x")
         info.type, info.size = tarfile.XHDTYPE, 2 << 20  # tarfile would read this header whole
         tar.addfile(info)
 
     tar_path = _write_tar(tmp_path / "pax.tar", huge_pax)
-    reasons = _decode(list_inputs([str(tar_path)]), max_bytes=SCENES[1].stat().st_size)
+    reasons = reasons_of(tar_path, max_bytes=SCENES[1].stat().st_size)
     assert reasons[f"{tar_path}#ok/scene_000.jpg"].startswith("file too large: ")  # bigger than scene_001
     assert reasons[f"{tar_path}#ok/scene_001.jpg"] == ""
     (cut,) = [r for u, r in reasons.items() if "#@" in u]
