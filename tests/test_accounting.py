@@ -1,4 +1,4 @@
-"""The run's books, per source: every member a source holds comes back exactly once as a record or a reject."""
+"""The run's books, per source: every member a source holds comes back once, as a record or a reject."""
 
 import pandas as pd
 import pytest

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import webdataset as wds
 from test_schema import valid_record
 
-from engine.items import Item
-import pytest
-
 from engine.dedupe import PartitionedRegistry
+from engine.items import Item
 from engine.sink import OldOutputError, PartWriter, clean_uncommitted, load_committed, merge_rejects
 from engine.storage import Folder
 
