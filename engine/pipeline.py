@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.config import EngineConfig, Resources
 from engine.dedupe import KeyRegistry
+from engine.errors import StageFailing, find_cause
 from engine.items import Item, batch_to_items
 from engine.sink import Committed, PartWriter, clean_uncommitted, load_committed, make_datasink, merge_rejects
 from engine.sources import SourceItem, list_inputs, listing_table
@@ -201,6 +202,16 @@ def run_ray(
         ray.kill(registry)
 
 
+def stage_failing(exc: BaseException) -> StageFailing | None:
+    """The `StageFailing` behind `exc`, also when Ray wrapped it (a task error around the actor's one)."""
+    found = find_cause(exc, StageFailing)
+    if found is None:
+        return None
+    cause = getattr(found, "cause", None)  # Ray's RayTaskError subclass carries the original as `cause`
+    original = cause if isinstance(cause, StageFailing) else found
+    return StageFailing(original.stage, original.errors, original.summary, original.first_error)
+
+
 # --- accounting ------------------------------------------------------------------------------------------
 
 
@@ -276,38 +287,48 @@ def run(
     committed = load_committed(out)
     listed = list_inputs(inputs, dataset=cfg.sink.dataset_name, limit=limit)
     todo = [item for item in listed if item.uri not in committed.uris]
+    retried = sum(1 for item in todo if item.uri in committed.retry)
     log.info(
         "%d inputs listed, %d already committed (%d records, %d rejects), %d to process",
         len(listed),
         len(listed) - len(todo),
         committed.records,
-        committed.rejects,
+        committed.rejects - retried,
         len(todo),
     )
+    if retried:
+        log.info("%d of them had a stage error in an earlier run: processing them again", retried)
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
     results: list[dict[str, Any]] = []
     mode = "ray" if use_ray else "local"
-    if todo and use_ray:
-        from engine.runtime import init_ray
+    try:
+        if todo and use_ray:
+            from engine.runtime import init_ray
 
-        started_ray = init_ray(cfg.ray, namespace="rexverse")
-        try:
-            results = run_ray(cfg, chain, todo, committed, out, run_id)
-        finally:
-            if started_ray:
-                import ray
+            started_ray = init_ray(cfg.ray, namespace="rexverse")
+            try:
+                results = run_ray(cfg, chain, todo, committed, out, run_id)
+            finally:
+                if started_ray:
+                    import ray
 
-                ray.shutdown()
-    elif todo:
-        writer = PartWriter(
-            out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects, set(committed.key_owners)
-        )
-        results = run_sequential(cfg, stages, todo, committed, writer)
+                    ray.shutdown()
+        elif todo:
+            # keys of images being retried are theirs again, not duplicates of an earlier record
+            known = {key for key, uri in committed.key_owners.items() if uri not in committed.retry}
+            writer = PartWriter(out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects, known)
+            results = run_sequential(cfg, stages, todo, committed, writer)
+    except Exception as exc:
+        failing = stage_failing(exc)
+        if failing is None:
+            raise
+        raise failing from None  # one clear message instead of Ray's nested task tracebacks
     lost = check_accounting(todo, results, tolerate_lost=use_ray and cfg.ray.max_errored_blocks > 0)
     if lost:
         log.warning("%d inputs were lost with failed blocks; writing a reject row for each", len(lost))
         results += write_lost(out, run_id, lost, cfg.sink.max_pending_rejects)
     merge_rejects(out)
+    committed.rejects -= retried  # each retried image's new outcome supersedes its stage-error row
     wall = time.time() - started
     order = [stage.name for stage in stages]
     this_run = RunStats()

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from engine.items import Item, batch_to_items
 from engine.stats import RunStats
 from engine.storage import Folder
-from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, to_index_row, validate
+from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, final_rejects, is_retried, to_index_row, validate
 
 log = logging.getLogger("rexverse.sink")
 PART_DIRS = ("shards", "index", "rejects")
@@ -54,8 +54,9 @@ class Committed:
     uris: set[str] = field(default_factory=set)
     key_owners: dict[str, str] = field(default_factory=dict)
     records: int = 0
-    rejects: int = 0
-    stats: RunStats = field(default_factory=RunStats)
+    rejects: int = 0  # rejects that still stand (superseded `stage error` rows are not counted)
+    stats: RunStats = field(default_factory=RunStats)  # every attempt, superseded ones included
+    retry: set[str] = field(default_factory=set)  # uris whose latest outcome is a `stage error` reject
 
 
 def clean_uncommitted(out: Folder) -> list[str]:
@@ -75,16 +76,20 @@ def clean_uncommitted(out: Folder) -> list[str]:
 
 
 def load_committed(out: Folder) -> Committed:
-    """Scan committed parts: uris already handled, key owners, counts and stats."""
+    """Scan committed parts: uris already handled, key owners, counts and stats.
+
+    Images rejected with `stage error` are not handled: their uris go to `retry`, so a rerun (after the
+    fix) processes them again; the stale rows are then superseded (`schemas.final_rejects`).
+    """
     state = Committed()
-    for marker_name in out.list("_commits"):
+    reject_parts: list[tuple[str, pa.Table]] = []
+    for marker_name in sorted(out.list("_commits")):
         if not marker_name.endswith(".json"):
             continue
         part = marker_name.removesuffix(".json")
         info = json.loads(out.read_bytes(f"_commits/{marker_name}"))
         state.parts.append(part)
         state.records += info["records"]
-        state.rejects += info["rejects"]
         state.stats.merge(RunStats.from_dict(info["stats"]))
         state.stats.merge_tiers(info.get("tiers"))
         if info["records"]:
@@ -93,11 +98,17 @@ def load_committed(out: Folder) -> Committed:
                 state.uris.add(uri)
                 state.key_owners[key] = uri
         if info["rejects"]:
-            rejects = _read_parquet(out, f"rejects/{part}.parquet", ["uri", "key"])
-            for uri, key in zip(rejects["uri"].to_pylist(), rejects["key"].to_pylist(), strict=True):
-                state.uris.add(uri)
-                if key:
-                    state.key_owners.setdefault(key, uri)
+            table = _read_parquet(out, f"rejects/{part}.parquet", ["uri", "key", "reason"])
+            reject_parts.append((part, table))
+    standing = final_rejects(reject_parts, record_uris=state.uris)
+    state.rejects = standing.num_rows
+    for uri, key, reason in zip(*(standing[c].to_pylist() for c in ("uri", "key", "reason")), strict=True):
+        if is_retried(reason):
+            state.retry.add(uri)
+        else:
+            state.uris.add(uri)
+        if key:
+            state.key_owners.setdefault(key, uri)
     return state
 
 
@@ -272,11 +283,20 @@ def make_datasink(out: Folder, run_id: str, shard_size: int, max_pending_rejects
 
 
 def merge_rejects(out: Folder) -> int:
-    """Rebuild `rejects.parquet` from the committed parts; returns the number of rows."""
-    names = [name for name in out.list("rejects") if name.endswith(".parquet")]
-    tables = [
-        pq.read_table(out.path(f"rejects/{n}"), schema=REJECTS_SCHEMA, filesystem=out.fs) for n in names
+    """Rebuild `rejects.parquet` from the committed parts (the rejects that still stand); returns the rows."""
+    committed = {name.removesuffix(".json") for name in out.list("_commits") if name.endswith(".json")}
+    names = [n.removesuffix(".parquet") for n in out.list("rejects") if n.endswith(".parquet")]
+    parts = [
+        (n, pq.read_table(out.path(f"rejects/{n}.parquet"), schema=REJECTS_SCHEMA, filesystem=out.fs))
+        for n in names
+        if n in committed
     ]
-    table = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+    record_uris: set[str] = set()
+    if any(is_retried(r) for _, table in parts for r in table["reason"].to_pylist()):
+        for part in committed:
+            if out.exists(f"index/{part}.parquet"):
+                index = _read_parquet(out, f"index/{part}.parquet", ["source_uri"])
+                record_uris.update(index["source_uri"].to_pylist())
+    table = final_rejects(parts, record_uris)
     out.write_bytes("rejects.parquet", _parquet_bytes(table))
     return table.num_rows
