@@ -31,6 +31,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+class FailFast(Strict):
+    """When a stage's item errors mean the stage itself is broken (a model that cannot run on this
+    hardware, a wrong checkpoint format), stop the run instead of rejecting every image for days.
+
+    Per stage actor: `consecutive` errors in a row, or more than `max_fraction` of its first `window`
+    items. 0 turns either rule off. Errors that stop a run are not final: a rerun processes those images
+    again (content rejects such as undecodable or too small stay skipped).
+    """
+
+    consecutive: int = Field(16, ge=0)
+    window: int = Field(64, ge=0)
+    max_fraction: float = Field(0.5, gt=0, le=1)
+
+
 class Resources(Strict):
     """How Ray runs one stage. Not part of the content hash: changing it never changes the output."""
 
@@ -39,6 +53,7 @@ class Resources(Strict):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
+    fail_fast: FailFast = FailFast()
 
 
 class ModelRef(Strict):

@@ -56,6 +56,11 @@ def size(ranges: Ranges) -> int:
     return sum(end - start for start, end in ranges)
 
 
+def clip(ranges: Ranges, total: int) -> Ranges:
+    """`ranges` cut to `[0, total)`."""
+    return [(start, min(end, total)) for start, end in ranges if start < total]
+
+
 def contains(ranges: Ranges, n: int) -> bool:
     return any(start <= n < end for start, end in ranges)
 

@@ -22,6 +22,7 @@ from typing import Any
 from engine import ledger
 from engine.config import EngineConfig, Resources
 from engine.dedupe import KeyRegistry, PartitionedRegistry
+from engine.errors import StageFailing, find_cause
 from engine.items import Item, batch_to_items
 from engine.sink import (
     Committed,
@@ -108,6 +109,7 @@ class Plan:
     units: list[SourceUnit]
     limits: dict[str, int]
     complete: int  # sources skipped whole: every member committed for good
+    skipped: int  # members skipped: committed for good before this run
 
 
 def plan_units(
@@ -115,7 +117,7 @@ def plan_units(
 ) -> Plan:
     """List the sources and give each the ordinals it may skip (committed records and content rejects;
     stage-error rejects are read again). With --limit the first sources are counted until N members."""
-    units, limits, complete = [], {}, 0
+    units, limits, complete, skipped = [], {}, 0, 0
     remaining = limit
     for unit in list_units(inputs, dataset=cfg.sink.dataset_name, page_files=cfg.sources.page_files):
         if remaining is not None and remaining <= 0:
@@ -128,12 +130,14 @@ def plan_units(
             limits[unit.source] = unit.max_members
             remaining -= unit.max_members
             total = unit.max_members
-        if total is not None and not ledger.missing(books.final, total):
+        final = books.final if total is None else ledger.clip(books.final, total)
+        skipped += ledger.size(final)
+        if total is not None and not ledger.missing(final, total):
             complete += 1
             continue
-        unit.skip = json.dumps([list(r) for r in books.final])
+        unit.skip = json.dumps([list(r) for r in final])
         units.append(unit)
-    return Plan(units, limits, complete)
+    return Plan(units, limits, complete, skipped)
 
 
 # --- executors -------------------------------------------------------------------------------------------
@@ -301,6 +305,16 @@ def run_ray(
             ray.kill(actor)
 
 
+def stage_failing(exc: BaseException) -> StageFailing | None:
+    """The `StageFailing` behind `exc`, also when Ray wrapped it (a task error around the actor's one)."""
+    found = find_cause(exc, StageFailing)
+    if found is None:
+        return None
+    cause = getattr(found, "cause", None)  # Ray's RayTaskError subclass carries the original as `cause`
+    original = cause if isinstance(cause, StageFailing) else found
+    return StageFailing(original.stage, original.errors, original.summary, original.first_error)
+
+
 # --- accounting ------------------------------------------------------------------------------------------
 
 
@@ -349,6 +363,8 @@ def _retryable(exc: BaseException) -> bool:
     the code's own checks: worth another pass over the remaining sources."""
     from engine.errors import RetryableError
 
+    if stage_failing(exc) is not None:
+        return False  # a broken stage stays broken on another pass
     if isinstance(exc, RetryableError):
         return True
     try:
@@ -366,8 +382,8 @@ def _retryable(exc: BaseException) -> bool:
 
 @dataclass
 class RunResult:
-    listed: int
-    skipped: int
+    listed: int  # members of the sources this run looked at (skipped + processed)
+    skipped: int  # of them, committed for good before (records and content rejects)
     records: int
     rejects: int
     wall_seconds: float
@@ -405,22 +421,28 @@ def run(
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
     results: list[dict[str, Any]] = []
     mode = "ray" if use_ray else "local"
-    if plan.units and use_ray:
-        from engine.runtime import init_ray
+    try:
+        if plan.units and use_ray:
+            from engine.runtime import init_ray
 
-        started_ray = init_ray(cfg.ray, namespace="rexverse")
-        try:
-            results = run_ray_attempts(cfg, chain, plan, inputs, limit, committed, out, run_id)
-        finally:
-            if started_ray:
-                import ray
+            started_ray = init_ray(cfg.ray, namespace="rexverse")
+            try:
+                results = run_ray_attempts(cfg, chain, plan, inputs, limit, committed, out, run_id)
+            finally:
+                if started_ray:
+                    import ray
 
-                ray.shutdown()
-    elif plan.units:
-        writer = PartWriter(out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
-        results = run_sequential(cfg, stages, plan.units, committed, out, writer)
-        for result in sorted(results, key=lambda r: r["part"]):
-            add_marker(committed, result)
+                    ray.shutdown()
+        elif plan.units:
+            writer = PartWriter(out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
+            results = run_sequential(cfg, stages, plan.units, committed, out, writer)
+            for result in sorted(results, key=lambda r: r["part"]):
+                add_marker(committed, result)
+    except Exception as exc:
+        failing = stage_failing(exc)
+        if failing is None:
+            raise
+        raise failing from None  # one clear message instead of Ray's nested task tracebacks
     members = recorded_members(out)
     expected = {s: plan.limits.get(s, members.get(s)) for s in expected_sources}
     gaps = check_accounting(
@@ -458,7 +480,7 @@ def run(
         f"-> {out.uri}",
         flush=True,
     )
-    return RunResult(len(plan.units) + plan.complete, plan.complete, records, rejects, wall, manifest)
+    return RunResult(plan.skipped + processed, plan.skipped, records, rejects, wall, manifest)
 
 
 def run_ray_attempts(

@@ -56,6 +56,9 @@ def init_ray(cfg: RayConfig, namespace: str) -> bool:
     context.max_errored_blocks = cfg.max_errored_blocks
     # A failing object store is retried (Ray Data retries actor tasks), never turned into rejects
     context.actor_task_retry_on_errors = [RetryableError]
+    # A stage's own exception reaches the driver as itself (Ray Data would wrap it in a UserCodeException
+    # that keeps only its text): the run recognises `StageFailing` and stops with one clear message
+    context.raise_original_map_exception = True
     context.enable_progress_bars = cfg.show_progress
     context.print_on_execution_start = cfg.show_progress
     return started_local

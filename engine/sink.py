@@ -38,11 +38,10 @@ from engine.items import Item, batch_to_items
 from engine.ledger import Ledger, marker_sources
 from engine.stats import RunStats
 from engine.storage import Folder
-from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, to_index_row, validate
+from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, final_rejects, is_retried, to_index_row, validate
 
 log = logging.getLogger("rexverse.sink")
 PART_DIRS = ("shards", "index", "rejects")
-STAGE_ERROR = "stage error"  # the reason prefix of a reject that a rerun processes again (not final)
 SUBDIRS = (*PART_DIRS, "_commits")
 
 
@@ -58,8 +57,9 @@ class Committed:
     parts: list[str] = field(default_factory=list)
     ledger: Ledger = field(default_factory=Ledger)
     records: int = 0
-    rejects: int = 0
-    stats: RunStats = field(default_factory=RunStats)
+    rejects: int = 0  # rejects that still stand (superseded `stage error` rows are not counted)
+    stats: RunStats = field(default_factory=RunStats)  # every attempt, superseded ones included
+    retry: set[str] = field(default_factory=set)  # uris whose latest outcome is a `stage error` reject
 
     @property
     def effective_rejects(self) -> int:
@@ -181,7 +181,7 @@ class PartWriter:
         self.items += 1
         if item.source:
             self.ordinals.setdefault(item.source, []).append(item.ordinal)
-            if not item.ok and item.error_reason.startswith(STAGE_ERROR):
+            if not item.ok and is_retried(item.error_reason):
                 self.stage_errors.setdefault(item.source, []).append(item.ordinal)
         if not item.ok:
             self._reject(item, item.error_stage, item.error_reason)
@@ -298,29 +298,27 @@ def merge_rejects(out: Folder, max_rows: int) -> int | None:
     outputs, for convenience); returns its rows, or None when the output is past that size: then readers
     read `rejects/` (one file per part) and no merged file is left to go stale.
 
-    Stage-error rejects that a later record or reject of the same uri replaced are left out.
+    Only the rejects that still stand (`schemas.final_rejects`: a stage-error row that a later attempt of
+    its uri replaced is left out).
     """
-    names = sorted(name for name in out.list("rejects") if name.endswith(".parquet"))
-    total = sum(pq.ParquetFile(out.open_input(f"rejects/{n}")).metadata.num_rows for n in names)
+    committed = {name.removesuffix(".json") for name in out.list("_commits") if name.endswith(".json")}
+    names = sorted(n.removesuffix(".parquet") for n in out.list("rejects") if n.endswith(".parquet"))
+    names = [n for n in names if n in committed]
+    total = sum(pq.ParquetFile(out.open_input(f"rejects/{n}.parquet")).metadata.num_rows for n in names)
     if total > max_rows:
         if out.exists("rejects.parquet"):
             out.delete("rejects.parquet")
         return None
-    tables = [
-        pq.read_table(out.path(f"rejects/{n}"), schema=REJECTS_SCHEMA, filesystem=out.fs) for n in names
+    parts = [
+        (n, pq.read_table(out.path(f"rejects/{n}.parquet"), schema=REJECTS_SCHEMA, filesystem=out.fs))
+        for n in names
     ]
-    table = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
-    rows = table.to_pylist()
-    recorded = set()
-    for name in out.list("index"):
-        if name.endswith(".parquet"):
-            recorded.update(_read_parquet(out, f"index/{name}", ["source_uri"])["source_uri"].to_pylist())
-    last = {row["uri"]: i for i, row in enumerate(rows)}  # parts in commit order: the last one stands
-    kept = [
-        row
-        for i, row in enumerate(rows)
-        if not (row["reason"].startswith(STAGE_ERROR) and (row["uri"] in recorded or last[row["uri"]] != i))
-    ]
-    table = pa.Table.from_pylist(kept, schema=REJECTS_SCHEMA)
+    record_uris: set[str] = set()
+    if any(is_retried(r) for _, table in parts for r in table["reason"].to_pylist()):
+        for part in committed:
+            if out.exists(f"index/{part}.parquet"):
+                index = _read_parquet(out, f"index/{part}.parquet", ["source_uri"])
+                record_uris.update(index["source_uri"].to_pylist())
+    table = final_rejects(parts, record_uris)
     out.write_bytes("rejects.parquet", _parquet_bytes(table))
     return table.num_rows

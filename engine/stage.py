@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.config import Resources, Strict, strip_resources
+from engine.config import FailFast, Resources, Strict, strip_resources
 from engine.dedupe import KeyRegistry, PartitionedRegistry
-from engine.errors import RetryableError
+from engine.errors import RetryableError, StageFailing
 from engine.items import Item, batch_to_items, items_to_batch
+from schemas import STAGE_ERROR
 
 
 def set_torch_threads(n: int) -> None:
@@ -75,6 +76,7 @@ class Stage:
         resources: Resources | None = getattr(cfg, "resources", None)
         if resources is not None:
             set_torch_threads(resources.torch_threads)
+        self.health = StageHealth(self.name, resources.fail_fast if resources is not None else FailFast())
         params = cfg.model_dump(mode="json")
         strip_resources(params)
         model = getattr(cfg, "model", None)
@@ -120,6 +122,9 @@ class Stage:
             item.trace[self.name] = {"seconds": seconds, "in": n_in, "out": n_out}
             if item.ok and item.record is not None:
                 item.record.setdefault("provenance", {}).setdefault(self.name, {}).update(self.provenance)
+        for item in live:
+            failed = item.error_stage == self.name and item.error_reason.startswith(STAGE_ERROR)
+            self.health.observe(failed, item.error_reason)
 
     def _process_alone(self, item: Item) -> None:
         snapshot = _snapshot(item)
@@ -130,7 +135,38 @@ class Stage:
         except Exception as exc:
             _restore(item, snapshot)
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            item.reject(self.name, f"stage error: {detail}")
+            item.reject(self.name, f"{STAGE_ERROR}: {detail}")
+
+
+class StageHealth:
+    """Counts one stage actor's item errors and raises `StageFailing` when they reach `FailFast`'s limits.
+
+    Scattered errors (one odd image in thousands) stay per-item rejects; a stage that fails on most items
+    is broken, and every further image it rejects would be model time spent upstream for nothing.
+    """
+
+    def __init__(self, stage: str, rules: FailFast) -> None:
+        self.stage, self.rules = stage, rules
+        self.seen = self.errors = self.in_a_row = self.errors_in_window = 0
+        self.first_error = ""
+
+    def observe(self, failed: bool, reason: str) -> None:
+        self.seen += 1
+        if not failed:
+            self.in_a_row = 0
+            return
+        self.errors += 1
+        self.in_a_row += 1
+        self.first_error = self.first_error or reason
+        rules = self.rules
+        if self.seen <= rules.window:
+            self.errors_in_window += 1
+        if rules.consecutive and self.in_a_row >= rules.consecutive:
+            summary = f"{self.in_a_row} images in a row"
+            raise StageFailing(self.stage, self.in_a_row, summary, self.first_error)
+        if rules.window and self.errors_in_window > rules.max_fraction * rules.window:
+            summary = f"{self.errors_in_window} of its first {self.seen} images"
+            raise StageFailing(self.stage, self.errors_in_window, summary, self.first_error)
 
 
 def _snapshot(item: Item) -> tuple:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import ConfigError, EngineConfig, job_config, load_config  # noqa: E402
-from engine.errors import RetryableError  # noqa: E402
+from engine.errors import RetryableError, StageFailing  # noqa: E402
 from engine.pipeline import AccountingError, OutputError, map_stage, run, stage_groups  # noqa: E402
 from engine.sink import OldOutputError  # noqa: E402
 from engine.sources import InputError  # noqa: E402
@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, OutputError, OldOutputError, AccountingError) as exc:
         print(f"rexverse2m: error: {exc}", file=sys.stderr)
         return 2
+    except StageFailing as exc:
+        print(
+            f"rexverse2m: stopped: {exc}. Committed parts are kept; fix the cause (try --preflight) and "
+            "rerun the same command: images rejected with a stage error are processed again.",
+            file=sys.stderr,
+        )
+        return 3
     except RetryableError as exc:  # e.g. an object store that kept failing (Ray's retries are spent too)
         message = f"rexverse2m: stopped: {exc}. Committed parts are kept; rerun the same command."
         print(message, file=sys.stderr)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.storage import Folder
+from schemas import final_rejects, is_retried
 
 
 class InputError(ValueError):
@@ -83,16 +84,21 @@ def index_keys(out: EngineOutput) -> pa.Table:
 
 def rejects(out: EngineOutput) -> pa.Table:
     """The committed rejects of `out`: per committed part, else the merged rejects.parquet."""
-    tables = [
-        pq.read_table(out.loc.open_input(rel))
+    parts = [
+        (rel.split("/")[-1][: -len(".parquet")], pq.read_table(out.loc.open_input(rel)))
         for rel in out.loc.files("rejects", ".parquet")
         if rel.split("/")[-1][: -len(".parquet")] in out.commit_markers or not out.commit_markers
     ]
-    if not tables and out.loc.is_file("rejects.parquet"):
-        tables = [pq.read_table(out.loc.open_input("rejects.parquet"))]
-    if not tables:
+    if not parts and out.loc.is_file("rejects.parquet"):
+        return pq.read_table(out.loc.open_input("rejects.parquet"))
+    if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in ("uri", "key", "stage", "reason")})
-    return pa.concat_tables(tables, promote_options="default")
+    record_uris: set[str] = set()
+    if any(is_retried(reason) for _, table in parts for reason in table["reason"].to_pylist()):
+        for part in out.parts:  # a stage-error reject retried into a record no longer stands
+            index = pq.read_table(out.loc.open_input(f"index/{part}.parquet"), columns=["source_uri"])
+            record_uris.update(index["source_uri"].to_pylist())
+    return final_rejects(parts, record_uris)
 
 
 def locate_members(out: EngineOutput, shard: str) -> dict[str, dict[str, tuple[int, int]]]:

@@ -4,6 +4,7 @@ from schemas.record import (
     INDEX_SCHEMA,
     REJECTS_SCHEMA,
     SCHEMA_VERSION,
+    STAGE_ERROR,
     Caption,
     ConversationTurn,
     Dropped,
@@ -15,6 +16,8 @@ from schemas.record import (
     SchemaError,
     Source,
     check_version,
+    final_rejects,
+    is_retried,
     to_index_row,
     validate,
 )
@@ -23,6 +26,7 @@ __all__ = [
     "INDEX_SCHEMA",
     "REJECTS_SCHEMA",
     "SCHEMA_VERSION",
+    "STAGE_ERROR",
     "Caption",
     "ConversationTurn",
     "Dropped",
@@ -34,6 +38,8 @@ __all__ = [
     "SchemaError",
     "Source",
     "check_version",
+    "final_rejects",
+    "is_retried",
     "to_index_row",
     "validate",
 ]

@@ -393,6 +393,39 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 
+# Reason prefix of an image whose stage raised (a bug, a model that could not run): not the image's fault,
+# so a rerun processes it again; every other reject (undecodable, too small, NSFW, ...) is final.
+STAGE_ERROR = "stage error"
+
+
+def is_retried(reason: str | None) -> bool:
+    """True for rejects that a rerun processes again (`stage error`), False for final (content) rejects."""
+    return bool(reason) and reason.startswith(STAGE_ERROR)
+
+
+def final_rejects(parts: list[tuple[str, pa.Table]], record_uris: set[str]) -> pa.Table:
+    """The rejects that still stand: `parts` are (part name, rejects table) in any order.
+
+    A `stage error` row is superseded once a later attempt of its uri exists: a record, or a reject row in
+    a later part (part names sort by run). Content rejects always stand.
+    """
+    ordered = sorted(parts, key=lambda pair: pair[0])
+    last_part: dict[str, str] = {}
+    for name, table in ordered:
+        for uri in table["uri"].to_pylist():
+            last_part[uri] = name
+    kept = []
+    for name, table in ordered:
+        uris, reasons = table["uri"].to_pylist(), table["reason"].to_pylist()
+        keep = [
+            not is_retried(reason) or (uri not in record_uris and last_part[uri] == name)
+            for uri, reason in zip(uris, reasons, strict=True)
+        ]
+        kept.append(table.filter(pa.array(keep, pa.bool_())) if not all(keep) else table)
+    if not kept:
+        return REJECTS_SCHEMA.empty_table()
+    return pa.concat_tables(kept, promote_options="default")
+
 
 def to_index_row(record: dict[str, Any], shard: str) -> dict[str, Any]:
     """Flatten a (valid) record into one row of INDEX_SCHEMA."""
