@@ -113,6 +113,9 @@ class SinkConfig(Strict):
     # rejects.parquet (all rejects in one file) is rebuilt only while the output holds at most this many;
     # past it readers read rejects/ (one file per part) and no merged file is rewritten at pool scale.
     merge_rejects_max: int = Field(100_000, ge=0)
+    # "full": records must meet the whole record contract; "image": only its image half (key, source, size,
+    # format), for a pass that stops before captioning (the pool pass, configs/collect.yaml).
+    records: Literal["full", "image"] = "full"
 
 
 class EngineConfig(Strict):
@@ -125,6 +128,9 @@ class EngineConfig(Strict):
     name: str = "rexverse2m"
     seed: int = 0
     stages: Any
+    # Run only these of the job's stages, in job order (null: every enabled stage). The pool pass
+    # (configs/collect.yaml) runs [decode, collect]: the collection filters and exact dedupe, no captioning.
+    run_stages: list[str] | None = None
     ray: RayConfig = RayConfig()
     sources: SourcesConfig = SourcesConfig()
     sink: SinkConfig = SinkConfig()
@@ -164,6 +170,9 @@ def job_config(stages: Sequence[Any]) -> type[EngineConfig]:
     order = [stage.name for stage in stages]
 
     def fused_groups_are_consecutive_stages(cfg: EngineConfig) -> EngineConfig:
+        unknown_runs = [name for name in cfg.run_stages or [] if name not in order]
+        if unknown_runs:
+            raise ValueError(f"run_stages names unknown stages {unknown_runs}; the stages are {order}")
         seen: set[str] = set()
         for group in cfg.ray.fuse:
             unknown = [name for name in group if name not in order]

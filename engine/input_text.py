@@ -75,5 +75,8 @@ def sample_text(members: dict[str, bytes]) -> str:
         except json.JSONDecodeError:
             value = {}
         meta = value if isinstance(value, dict) else {}
-    caption = caption or meta.get("caption") or meta.get("text")
+    own = meta.get("caption")
+    if isinstance(own, dict):  # a Rexverse record (a pool pass's shards): the input's caption it carried
+        own = own.get("input") or own.get("text")
+    caption = caption or own or meta.get("text")
     return encode_text(caption, meta.get("conversations", meta.get("conversation")))

@@ -66,8 +66,10 @@ class AccountingError(RuntimeError):
 
 
 def active_stages(stages: Sequence[type[Stage]], cfg: EngineConfig) -> list[tuple[type[Stage], Any]]:
-    """(stage class, its config) for every enabled stage, in the job's order."""
-    pairs = [(stage, cfg.stage_config(stage.name)) for stage in stages]
+    """(stage class, its config) for every enabled stage, in the job's order (only those `run_stages`
+    names, when it is set)."""
+    chosen = [stage for stage in stages if cfg.run_stages is None or stage.name in cfg.run_stages]
+    pairs = [(stage, cfg.stage_config(stage.name)) for stage in chosen]
     return [(stage, stage_cfg) for stage, stage_cfg in pairs if stage.enabled(stage_cfg)]
 
 
@@ -293,7 +295,7 @@ def run_ray(
             num_cpus=cfg.sources.num_cpus,
         )
         ds = chain(rows, cfg, context)
-        sink = make_datasink(out, run_id, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
+        sink = make_datasink(out, run_id, cfg.sink.shard_size, cfg.sink.max_pending_rejects, cfg.sink.records)
         # Ray 2.60's write_datasink has no named resource parameters (only `ray_remote_args`, which it does
         # not deprecate, unlike map_batches' extra keywords): without them a write task asks for a whole CPU.
         ds.write_datasink(
@@ -434,7 +436,9 @@ def run(
 
                     ray.shutdown()
         elif plan.units:
-            writer = PartWriter(out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects)
+            writer = PartWriter(
+                out, run_id, 0, cfg.sink.shard_size, cfg.sink.max_pending_rejects, records=cfg.sink.records
+            )
             results = run_sequential(cfg, stages, plan.units, committed, out, writer)
             for result in sorted(results, key=lambda r: r["part"]):
                 add_marker(committed, result)

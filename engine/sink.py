@@ -38,7 +38,15 @@ from engine.items import Item, batch_to_items
 from engine.ledger import Ledger, marker_sources
 from engine.stats import RunStats
 from engine.storage import Folder
-from schemas import INDEX_SCHEMA, REJECTS_SCHEMA, final_rejects, is_retried, to_index_row, validate
+from schemas import (
+    INDEX_SCHEMA,
+    REJECTS_SCHEMA,
+    final_rejects,
+    is_retried,
+    to_index_row,
+    validate,
+    validate_image,
+)
 
 log = logging.getLogger("rexverse.sink")
 PART_DIRS = ("shards", "index", "rejects")
@@ -152,12 +160,15 @@ class PartWriter:
         shard_size: int,
         max_pending_rejects: int = 5000,
         known_keys: set[str] | None = None,
+        records: str = "full",
     ) -> None:
         self.out = out
         self.run_id, self.task = run_id, task
         self.shard_size = shard_size
         self.max_pending_rejects = max_pending_rejects
         self.known_keys = known_keys if known_keys is not None else set()
+        # "image": a pass that stops before captioning (the pool pass) writes image records only
+        self.validate = validate_image if records == "image" else validate
         self.results: list[dict[str, Any]] = []
         self._n = 0
         self._open_part()
@@ -186,7 +197,7 @@ class PartWriter:
         if not item.ok:
             self._reject(item, item.error_stage, item.error_reason)
         else:
-            errors = validate(item.record)
+            errors = self.validate(item.record)
             if errors:
                 self._reject(item, "schema", "invalid record: " + "; ".join(errors[:3]), sink_made=True)
             elif item.key in self.known_keys:
@@ -257,7 +268,9 @@ class PartWriter:
         return self.results
 
 
-def make_datasink(out: Folder, run_id: str, shard_size: int, max_pending_rejects: int) -> Any:
+def make_datasink(
+    out: Folder, run_id: str, shard_size: int, max_pending_rejects: int, records: str = "full"
+) -> Any:
     """A `ray.data.Datasink`: each write task (in a worker) writes and commits its own parts.
 
     Defined inside a function so that importing the sink never imports Ray. `on_write_complete` runs on
@@ -276,7 +289,7 @@ def make_datasink(out: Folder, run_id: str, shard_size: int, max_pending_rejects
         def write(self, blocks: Iterable[Any], ctx: Any) -> list[dict[str, Any]]:
             from ray.data.block import BlockAccessor
 
-            writer = PartWriter(out, run_id, ctx.task_idx, shard_size, max_pending_rejects)
+            writer = PartWriter(out, run_id, ctx.task_idx, shard_size, max_pending_rejects, records=records)
             for block in blocks:
                 batch = BlockAccessor.for_block(block).to_numpy()
                 for item in batch_to_items(batch):

@@ -20,6 +20,7 @@ from schemas.record import (
     is_retried,
     to_index_row,
     validate,
+    validate_image,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "is_retried",
     "to_index_row",
     "validate",
+    "validate_image",
 ]

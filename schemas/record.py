@@ -172,12 +172,29 @@ def check_version(data: dict[str, Any]) -> str | None:
     )
 
 
-def validate(data: dict[str, Any]) -> list[str]:
-    """Every way `data` breaks the record contract (empty list = valid)."""
-    errors: list[str] = []
+def validate_image(data: dict[str, Any]) -> list[str]:
+    """The image half of the contract only (version, key, source, size, format): what a pass that stops
+    before captioning writes (the pool pass, `sink.records: image`); the full engine reads its shards."""
     version_error = check_version(data)
     if version_error:
         return [version_error]
+    return _image_errors(data)
+
+
+def validate(data: dict[str, Any]) -> list[str]:
+    """Every way `data` breaks the record contract (empty list = valid)."""
+    version_error = check_version(data)
+    if version_error:
+        return [version_error]
+    errors = _image_errors(data)
+    width, height = data.get("width"), data.get("height")
+    if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
+        return errors
+    return errors + _content_errors(data)
+
+
+def _image_errors(data: dict[str, Any]) -> list[str]:
+    errors: list[str] = []
     key = data.get("key")
     if not (isinstance(key, str) and KEY_PATTERN.match(key)):
         errors.append(f"key must be 64 lowercase hex chars (sha256), got {key!r}")
@@ -190,6 +207,12 @@ def validate(data: dict[str, Any]) -> list[str]:
         return errors
     if data.get("image_ext") not in IMAGE_EXTENSIONS:
         errors.append(f"image_ext must be one of {IMAGE_EXTENSIONS}, got {data.get('image_ext')!r}")
+    return errors
+
+
+def _content_errors(data: dict[str, Any]) -> list[str]:
+    errors: list[str] = []
+    width, height = data["width"], data["height"]
     caption = data.get("caption")
     if not (isinstance(caption, dict) and _is_text(caption.get("text"))):
         errors.append("caption.text must be a non-empty string")

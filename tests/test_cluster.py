@@ -1,5 +1,6 @@
 """The engine as its users run it: a Ray cluster of a head and two worker nodes, S3 in and out, a worker node
-and a stage actor killed mid-run. Every input must end as exactly one record or reject, none lost or doubled.
+and a stage actor killed mid-run. The first command must complete (exit 0), and every input must end as
+exactly one record or reject, none lost or doubled.
 """
 
 import json
@@ -115,22 +116,21 @@ def test_multi_node_s3_run_survives_a_lost_node_and_a_killed_actor(cluster, s3_b
     assert driver.poll() is None, "the run ended before the kills; nothing was tested"
     finished = driver.wait(timeout=600)
     reader.join(timeout=10)
-    if finished != 0:  # the run may fail loudly after the loss; a rerun must then complete it
-        rerun = run_driver(env, args)
-        out_text, _ = rerun.communicate(timeout=600)
-        assert rerun.returncode == 0, out_text[-4000:]
+    # A lost node costs a retry inside the run (restarted actors, retried tasks, or another pass over the
+    # sources not yet committed): the first command itself completes.
+    assert finished == 0, "".join(log)[-4000:]
 
     index = read_index(fs, out)
-    rejects = pq.read_table(f"{out}/rejects.parquet", filesystem=fs).to_pandas()
+    rejects = pq.read_table(f"{out}/rejects", filesystem=fs).to_pandas()  # per part, as at pool scale
     uris = list(index["source_uri"]) + list(rejects["uri"])
     assert sorted(uris) == sorted(f"s3://{s3_bucket}/in/{n}" for n in names)  # nothing lost, nothing twice
     assert index["key"].is_unique and len(index) > 0 and killed_actor is not None
     manifest = json.loads(fs.open_input_stream(f"{out}/manifest.json").read())
-    assert manifest["counts"]["records"] == len(index)
+    assert manifest["counts"]["records"] == len(index) and manifest["counts"]["rejects"] == len(rejects)
+    passes = "".join(log).count("resuming the remaining sources") + 1
     layout = {i.base_name for i in fs.get_file_info(pafs.FileSelector(out))}
     assert {"shards", "index", "rejects", "_commits", "rejects.parquet", "manifest.json"} <= layout
     print(
-        f"cluster run: exit {finished}, {parts_at_kill} parts committed at the kill, killed actor pid "
-        f"{killed_actor}, "
-        f"{len(index)} records, {len(rejects)} rejects"
+        f"cluster run: exit {finished} in {passes} pass(es), {parts_at_kill} parts committed at the kill, "
+        f"killed actor pid {killed_actor}, {len(index)} records, {len(rejects)} rejects"
     )

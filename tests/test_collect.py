@@ -60,3 +60,49 @@ def test_unknown_reject_label_is_a_config_error_naming_the_labels():
     cfg = CollectConfig(enabled=True, nsfw={"model": {"name": "tiny:nsfw"}, "reject_labels": ["porn"]})
     with pytest.raises(ValueError, match="normal"):
         Collect(cfg)
+
+
+def test_the_pool_config_runs_decode_and_the_filters_only():
+    from engine.pipeline import active_stages
+    from pipelines.rexverse2m import STAGES, load_job_config
+
+    cfg = load_job_config("configs/collect.yaml")
+    assert [stage.name for stage, _ in active_stages(STAGES, cfg)] == ["decode", "collect"]
+    assert cfg.stages.decode.min_side == 224  # the real config's bounds, extended
+
+
+@pytest.mark.timeout(600)
+def test_two_passes_pool_then_engine_read_the_pool_shards(tmp_path):
+    """Pass 1 (decode + collect + dedupe) writes shards of kept images; pass 2 (the full engine) reads
+    those shards as webdataset input: every kept image once, with the caption its input carried."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from pipelines.rexverse2m import load_job_config, run_job
+
+    fixture = Path(__file__).parent / "fixtures" / "fixture100"
+    pool, full = tmp_path / "pool", tmp_path / "full"
+    first = load_job_config("configs/fixture.yaml", ["run_stages=[decode, collect]", "sink.records=image"])
+    one = run_job(first, [str(fixture)], pool, use_ray=False)
+    kept = pd.read_parquet(pool / "index")
+    assert one.records == len(kept) > 50 and one.rejects > 0  # too small, NSFW, near-constant, duplicates
+    assert all(not r["regions"] and not r["caption"]["text"] for r in map(json.loads, [_first_json(pool)]))
+
+    second = load_job_config("configs/fixture.yaml")
+    two = run_job(second, [str(pool / "shards" / "*.tar")], full, use_ray=False)
+    assert two.records + two.rejects == len(kept)
+    index, rejects = pd.read_parquet(full / "index"), pd.read_parquet(full / "rejects")
+    uris = [*index["source_uri"], *rejects["uri"]]
+    assert all("/pool/shards/" in uri for uri in uris)
+    assert {uri.rsplit("#", 1)[1].removesuffix(".jpg") for uri in uris} == set(kept["key"])  # each once
+
+
+def _first_json(out) -> str:
+    import tarfile
+
+    tar_path = sorted((out / "shards").glob("*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        return tar.extractfile(member).read().decode()

@@ -134,7 +134,7 @@ def test_second_run_adds_nothing(fixture_run, input_dir, engine_env):
     before = sorted(p.name for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     start = time.time()
     done = run_engine(["--input", str(input_dir[0]), "--output", str(out)], engine_env)
-    assert "0 to process" in done.stderr
+    assert "0 sources to read" in done.stderr
     after = sorted(p.name for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert after == before
     manifest = json.loads((out / "manifest.json").read_text())
