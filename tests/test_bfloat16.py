@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.helpers import MODEL_STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "fixture100"
 MODEL_DTYPES = [  # every `model` a stage of the fixture config loads
@@ -58,14 +60,5 @@ def test_every_model_stage_runs_in_bfloat16(tmp_path: Path, variant: str) -> Non
     assert errors.empty, errors[["stage", "reason"]].to_dict("records")
     assert result.records >= 4
     stages = result.manifest["stages"]
-    for name in (
-        "collect",
-        "caption",
-        "grounding",
-        "region_caption",
-        "refine",
-        "filter",
-        "proposals",
-        "segment",
-    ):
+    for name in MODEL_STAGES:
         assert stages[name]["images_in"] > 0, name  # every model stage saw images

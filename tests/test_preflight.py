@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import MODEL_STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "fixture100"
 JOB = ROOT / "pipelines" / "rexverse2m.py"
 CONFIG = ROOT / "configs" / "fixture.yaml"
-MODEL_STAGES = [
-    "collect",
-    "caption",
-    "grounding",
-    "region_caption",
-    "refine",
-    "filter",
-    "proposals",
-    "segment",
-]
 
 
 def preflight(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
