@@ -80,6 +80,34 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return warmup_cosine(step, stage.steps, stage.warmup_steps)
 
 
+def load_training_model(model_dir: Path, cfg: TrainConfig, stage: StageConfig) -> Any:
+    """The model of one stage from `model_dir`, frozen for the stage (LoRA applied), not yet wrapped."""
+    import torch
+
+    from chatrex.modeling import ChatRexForConditionalGeneration
+
+    dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    model.set_trainable(stage.name, train_vision=stage.vision_trains)
+    if stage.lora:
+        # projectors + new token rows; the LLM body trains through LoRA
+        model.set_trainable("alignment", train_vision=stage.vision_trains)
+        model = apply_lora(model, cfg)
+    return model
+
+
+def train_step(model: Any, optimizer: Any, inputs: dict[str, Any], grad_clip: float) -> Any:
+    """One optimizer step on one collated batch; returns the (detached) loss."""
+    import torch
+
+    loss = model(**inputs, answer_logits_only=True).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
     n = len(batch["__key__"])
     return [{name: column[i] for name, column in batch.items()} for i in range(n)]
@@ -92,7 +120,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from chatrex.data import training_sample
-    from chatrex.modeling import ChatRexForConditionalGeneration
     from chatrex.processor import ChatRexProcessor
 
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -101,20 +128,14 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
-    dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
     with restored_checkpoint() as (state, restored):  # an interrupted run of this stage, or its start
         model_dir = restored or Path(config["start_dir"])
-        model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        model = load_training_model(model_dir, cfg, stage)
         processor = ChatRexProcessor.from_pretrained(model_dir)
         # LoRA's adapters are merged into the saved model: its optimizer state no longer fits
         moments = None if stage.lora else saved_optimizer_state(restored)
     if restored is not None and rank == 0:
         print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
-    model.set_trainable(stage.name, train_vision=stage.vision_trains)
-    if stage.lora:
-        # projectors + new token rows; the LLM body trains through LoRA
-        model.set_trainable("alignment", train_vision=stage.vision_trains)
-        model = apply_lora(model, cfg)
     model = ray.train.torch.prepare_model(model, parallel_strategy=stage.strategy)
     device = ray.train.torch.get_device()
     inner = getattr(model, "module", model)
@@ -150,11 +171,7 @@ def train_loop(config: dict[str, Any]) -> None:
             inputs = {
                 k: [b.to(device) for b in v] if k == "boxes" else v.to(device) for k, v in inputs.items()
             }
-            loss = model(**inputs, answer_logits_only=True).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
+            loss = train_step(model, optimizer, inputs, cfg.grad_clip)
             scheduler.step()
             state["step"] += 1
             window.append(float(loss.detach()))
