@@ -4,9 +4,9 @@
 
 Loads the tiny random ChatRex (LLM weights of std 0.02) twice through the training pipeline's own helpers
 (`pipelines.train_chatrex.load_training_model` / `train_step`, perception stage: everything trains), once with
-`scaling.dtype: float32` and once with `scaling.dtype: bfloat16`, and runs the same N AdamW steps at a constant
-learning rate on the same fixed batch of random images. Figures, over the LLM's weight matrices (the input
-embedding left out: only the rows of the batch's tokens get a gradient, in either precision):
+`scaling.dtype: float32` and once with `scaling.dtype: bfloat16`, and runs the same N AdamW steps at a
+constant learning rate on the same fixed batch of random images. Figures, over the LLM's weight matrices
+(the input embedding left out: only the rows of the batch's tokens get a gradient, in either precision):
 
 - `fp32_changed`, `bf16_changed`: fraction of weight elements whose value differs from the start, in the
   weights the run trains (what the optimizer steps);
@@ -88,7 +88,9 @@ def changed(start: dict, end: dict, dtype=None) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-5)
     args = parser.parse_args()
