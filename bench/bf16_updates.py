@@ -47,7 +47,7 @@ def run(folder: Path, dtype: str, steps: int, lr: float) -> tuple[dict, dict]:
 
     from chatrex.processor import ChatRexProcessor
     from chatrex.train_config import TrainConfig
-    from pipelines.train_chatrex import load_training_model, train_step
+    from pipelines.train_chatrex import compute_dtype, load_training_model, train_step
 
     cfg = TrainConfig.model_validate(
         {
@@ -71,7 +71,7 @@ def run(folder: Path, dtype: str, steps: int, lr: float) -> tuple[dict, dict]:
     start = weights()
     optimizer = torch.optim.AdamW(model.optimizer_param_groups(cfg.weight_decay), lr=lr)
     for _ in range(steps):
-        train_step(model, optimizer, batch, cfg.grad_clip)
+        train_step(model, optimizer, batch, cfg.grad_clip, compute_dtype(cfg))
     return start, weights()
 
 

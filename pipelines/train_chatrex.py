@@ -80,27 +80,94 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return warmup_cosine(step, stage.steps, stage.warmup_steps)
 
 
-def load_training_model(model_dir: Path, cfg: TrainConfig, stage: StageConfig) -> Any:
-    """The model of one stage from `model_dir`, frozen for the stage (LoRA applied), not yet wrapped."""
+# --- precision -------------------------------------------------------------------------------------------
+# `scaling.dtype` is the compute dtype, the dtype of frozen weights and the dtype checkpoints are saved in.
+# What the optimizer steps is always float32 ("master weights"): AdamW on bfloat16 weights rounds most small
+# updates away (bench/bf16_updates.py: at lr 2e-5 on weights of std 0.02, 10 steps changed ~half the bf16
+# weights, every fp32 one). The forward runs under autocast in the compute dtype; FSDP casts its flat
+# parameters with its own MixedPrecision. Checkpoints hold the model in `scaling.dtype` (what users load)
+# plus MASTER_FILE, the float32 values of the trained parameters, which a resume or the next stage reads back.
+
+MASTER_FILE = "master_weights.safetensors"
+
+
+def compute_dtype(cfg: TrainConfig) -> Any:
     import torch
 
+    return torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
+
+
+def autocast(device_type: str, dtype: Any) -> Any:
+    """Autocast to `dtype` on `device_type` (cuda or cpu; both run bfloat16), a no-op for float32."""
+    import torch
+
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def keep_fp32_masters(model: Any, dtype: Any, everything: bool = False) -> None:
+    """Trainable parameters in float32, frozen ones in `dtype` (no optimizer touches them, so they keep the
+    checkpoint's precision at half the memory); `everything`: all in float32 (FSDP: a flat parameter holds
+    one dtype, and MixedPrecision casts it for the compute). In place: DDP hooks and row hooks stay."""
+    import torch
+
+    for param in model.parameters():
+        if param.is_floating_point():
+            wanted = torch.float32 if everything or param.requires_grad else dtype
+            if param.dtype != wanted:
+                param.data = param.data.to(wanted)
+
+
+def fsdp_kwargs(dtype: Any) -> dict[str, Any]:
+    """FSDP's arguments: float32 sharded master parameters, compute and buffers in `dtype`, gradients
+    reduced in float32 (a bfloat16 reduce-scatter over 8+ ranks rounds the small per-rank contributions that
+    this policy exists to keep). `use_orig_params` keeps the model's own parameters visible, so the
+    optimizer groups (`optimizer_param_groups`) and frozen vision towers work under FSDP."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    policy = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype)
+    return {"mixed_precision": policy, "use_orig_params": True}
+
+
+def restore_masters(model: Any, folder: Path) -> None:
+    """Put the float32 master values a checkpoint saved (MASTER_FILE) back into `model`'s parameters."""
+    from safetensors.torch import load_file
+
+    path = folder / MASTER_FILE
+    if not path.exists():
+        return
+    params = dict(model.named_parameters())
+    for name, value in load_file(path).items():
+        if name not in params:
+            raise RuntimeError(f"{path} holds {name}, which the model in {folder} does not have")
+        params[name].data = value.to(params[name].device)
+
+
+def load_training_model(model_dir: Path, cfg: TrainConfig, stage: StageConfig) -> Any:
+    """The model of one stage from `model_dir`, frozen for the stage (LoRA applied), its trainable
+    parameters as float32 masters (restored from the checkpoint's MASTER_FILE if it has one); not wrapped.
+    Loaded in `scaling.dtype`, so the host holds no float32 copy of the frozen weights."""
     from chatrex.modeling import ChatRexForConditionalGeneration
 
-    dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
+    dtype = compute_dtype(cfg)
     model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    restore_masters(model, model_dir)
     model.set_trainable(stage.name, train_vision=stage.vision_trains)
     if stage.lora:
         # projectors + new token rows; the LLM body trains through LoRA
         model.set_trainable("alignment", train_vision=stage.vision_trains)
         model = apply_lora(model, cfg)
+    keep_fp32_masters(model, dtype)
     return model
 
 
-def train_step(model: Any, optimizer: Any, inputs: dict[str, Any], grad_clip: float) -> Any:
-    """One optimizer step on one collated batch; returns the (detached) loss."""
+def train_step(model: Any, optimizer: Any, inputs: dict[str, Any], grad_clip: float, dtype: Any) -> Any:
+    """One optimizer step on one batch, the forward under autocast to `dtype`; returns the detached loss."""
     import torch
 
-    loss = model(**inputs, answer_logits_only=True).loss
+    device_type = next(model.parameters()).device.type
+    with autocast(device_type, dtype):
+        loss = model(**inputs, answer_logits_only=True).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
@@ -136,8 +203,14 @@ def train_loop(config: dict[str, Any]) -> None:
         moments = None if stage.lora else saved_optimizer_state(restored)
     if restored is not None and rank == 0:
         print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=stage.strategy)
     device = ray.train.torch.get_device()
+    dtype = compute_dtype(cfg)
+    fsdp = stage.strategy == "fsdp" and context.get_world_size() > 1  # Ray wraps one worker in neither
+    if fsdp:  # cast on the device: the host never holds a float32 copy of the whole model
+        keep_fp32_masters(model.to(device), dtype, everything=True)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy=stage.strategy, parallel_strategy_kwargs=fsdp_kwargs(dtype) if fsdp else None
+    )
     inner = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
     if moments is not None:
@@ -171,7 +244,7 @@ def train_loop(config: dict[str, Any]) -> None:
             inputs = {
                 k: [b.to(device) for b in v] if k == "boxes" else v.to(device) for k, v in inputs.items()
             }
-            loss = train_step(model, optimizer, inputs, cfg.grad_clip)
+            loss = train_step(model, optimizer, inputs, cfg.grad_clip, dtype)
             scheduler.step()
             state["step"] += 1
             window.append(float(loss.detach()))
@@ -195,7 +268,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     )
                 if state["step"] % cfg.checkpoint_every == 0 or done:
                     report_checkpoint(
-                        lambda folder: save_model(model, processor, folder), optimizer, state, metrics, rank
+                        lambda folder: save_model(model, processor, folder, dtype),
+                        optimizer,
+                        state,
+                        metrics,
+                        rank,
                     )
                 else:
                     ray.train.report(metrics)
@@ -206,9 +283,34 @@ def train_loop(config: dict[str, Any]) -> None:
         state["epoch"] += 1
 
 
-def save_model(model: Any, processor: Any, folder: Path) -> None:
-    """A checkpoint's model: the plain ChatRex weights and the processor beside them."""
-    plain_model(model).save_pretrained(folder)
+def save_model(model: Any, processor: Any, folder: Path, dtype: Any = None) -> None:
+    """A checkpoint's model: the plain ChatRex weights in `dtype` (default: as they are), the processor
+    beside them, and MASTER_FILE with the float32 values of parameters that `dtype` would round."""
+    import torch
+    from safetensors.torch import save_file
+
+    plain = plain_model(model)
+    dtype = plain.dtype if dtype is None else dtype
+    state: dict[str, Any] = {}
+    cast: dict[tuple, Any] = {}  # one copy per storage: tied weights stay one tensor
+    for name, tensor in plain.state_dict().items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key not in cast:
+                cast[key] = tensor.detach().to("cpu", dtype)
+            tensor = cast[key]
+        state[name] = tensor
+    plain.save_pretrained(folder, state_dict=state)
+    if plain.dtype != dtype:  # save_pretrained writes the in-memory dtype (float32 masters) into config.json
+        plain.config.dtype = str(dtype).removeprefix("torch.")
+        plain.config.save_pretrained(folder)
+    masters = {
+        n: p.detach().to("cpu").contiguous()
+        for n, p in plain.named_parameters()
+        if p.dtype == torch.float32 and dtype != torch.float32
+    }
+    if masters:
+        save_file(masters, str(folder / MASTER_FILE))
     processor.save_pretrained(folder)
 
 
@@ -290,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         model_dir = output / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(start_dir, model_dir, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+        # the user's model: weights in scaling.dtype, without the optimizer and float32 masters of a resume
+        shutil.copytree(start_dir, model_dir, ignore=shutil.ignore_patterns(OPTIMIZER_FILE, MASTER_FILE))
         (output / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"trained model: {model_dir}", flush=True)
     except ConfigError as exc:

@@ -1,0 +1,201 @@
+"""ChatRex training's precision policy: float32 master weights, bfloat16 compute (autocast, FSDP's
+MixedPrecision), checkpoints in the configured dtype that resume the float32 masters exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from chatrex.processor import ChatRexProcessor  # noqa: E402
+from chatrex.train_config import TrainConfig  # noqa: E402
+from pipelines.train_chatrex import (  # noqa: E402
+    MASTER_FILE,
+    compute_dtype,
+    fsdp_kwargs,
+    keep_fp32_masters,
+    load_training_model,
+    save_model,
+    train_step,
+)
+from scaffold.tiny_chatrex import ensure_tiny_chatrex  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return Path(ensure_tiny_chatrex(tmp_path_factory.mktemp("rexverse-cache") / "tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def batch(folder: Path) -> dict:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    answer = "<ground>it</ground><objects><obj1></objects>"
+    return ChatRexProcessor.from_pretrained(folder)(
+        images, [[[0, 0, 30, 30], [10, 10, 60, 60]]] * 3, ["find it"] * 3, [answer] * 3
+    )
+
+
+def config(folder: Path, dtype: str, lr: float, **stage) -> TrainConfig:
+    stage = {"name": "perception", "steps": 10, "lr": lr, **stage}
+    return TrainConfig.model_validate({"model": str(folder), "stages": [stage], "scaling": {"dtype": dtype}})
+
+
+def llm_matrices(model) -> dict[str, torch.Tensor]:
+    """The LLM's weight matrices in float32, the input embedding left out (only the batch's rows move)."""
+    embedding = model.get_input_embeddings().weight
+    return {
+        n: p.detach().float().clone()
+        for n, p in model.language_model.named_parameters()
+        if p.ndim >= 2 and p is not embedding
+    }
+
+
+def train(model, cfg: TrainConfig, batch: dict, steps: int, optimizer=None):
+    optimizer = optimizer or torch.optim.AdamW(model.optimizer_param_groups(), lr=cfg.stages[0].lr)
+    for _ in range(steps):
+        train_step(model, optimizer, batch, cfg.grad_clip, compute_dtype(cfg))
+    return optimizer
+
+
+def first_mlp_projection(model) -> torch.nn.Module:
+    return next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.down_proj"))
+
+
+def compute_dtypes(model) -> list[torch.dtype]:
+    """Records the output dtype of the LLM's first MLP projection in each forward."""
+    seen: list[torch.dtype] = []
+    layer = first_mlp_projection(model)
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    return seen
+
+
+def update_error(start_a, end_a, start_b, end_b) -> float:
+    """||dW_a - dW_b|| / ||dW_b|| over the named tensors."""
+    num = sum(float(((end_a[n] - start_a[n]) - (end_b[n] - start_b[n])).square().sum()) for n in start_b)
+    den = sum(float((end_b[n] - start_b[n]).square().sum()) for n in start_b)
+    return (num / den) ** 0.5
+
+
+def fraction_changed(start, end) -> float:
+    moved = sum(int((start[n] != end[n]).sum()) for n in start)
+    return moved / sum(t.numel() for t in start.values())
+
+
+def test_a_bf16_step_moves_the_llm_as_an_fp32_step_does(folder, batch):
+    """10 AdamW steps at lr 2e-5 on weights of std 0.02: bf16 weights stepped directly keep ~half of them
+    unchanged (the update rounds away); float32 masters with bf16 compute move all of them."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = config(folder, dtype, lr=2e-5)
+        torch.manual_seed(0)
+        model = load_training_model(folder, cfg, cfg.stages[0]).train()
+        seen = compute_dtypes(model)
+        start = llm_matrices(model)
+        train(model, cfg, batch, steps=10)
+        runs[dtype] = (start, llm_matrices(model), seen, model)
+    fp32_start, fp32_end, fp32_seen, _ = runs["float32"]
+    bf16_start, bf16_end, bf16_seen, bf16_model = runs["bfloat16"]
+    assert fraction_changed(fp32_start, fp32_end) == 1.0
+    assert fraction_changed(bf16_start, bf16_end) > 0.99
+    assert update_error(bf16_start, bf16_end, fp32_start, fp32_end) < 0.15  # bf16 rounding of the compute
+    assert set(fp32_seen) == {torch.float32} and set(bf16_seen) == {torch.bfloat16}  # bf16 compute
+    assert {p.dtype for p in bf16_model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_lora_and_alignment_keep_frozen_weights_in_bf16_and_train_fp32_masters(folder, batch):
+    lora = config(folder, "bfloat16", lr=1e-3, lora=True)
+    model = load_training_model(folder, lora, lora.stages[0]).train()
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert adapters and {p.dtype for p in adapters.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if ".base_layer." in n} == {torch.bfloat16}
+    lora_b = {n: p.detach().clone() for n, p in adapters.items() if "lora_B" in n}
+    train(model, lora, batch, steps=2)
+    assert all(not torch.equal(lora_b[n], adapters[n]) for n in lora_b)
+
+    align = TrainConfig.model_validate(
+        {"model": str(folder), "stages": [{"name": "alignment", "steps": 3, "lr": 1e-3}]}
+        | {"scaling": {"dtype": "bfloat16"}}
+    )
+    model = load_training_model(folder, align, align.stages[0]).train()
+    embed = model.get_input_embeddings().weight
+    start, end = model.config.new_token_start_id, model.config.new_token_end_id
+    assert embed.dtype == torch.float32 and model.vision_projector.linear_1.weight.dtype == torch.float32
+    assert first_mlp_projection(model).weight.dtype == torch.bfloat16  # frozen: kept in bf16
+    before = embed.detach().clone()
+    train(model, align, batch, steps=3)
+    assert torch.equal(embed[:start], before[:start])  # the row hooks still hold old rows still
+    assert not torch.equal(embed[start:end], before[start:end])
+
+
+def test_checkpoints_are_bf16_and_resume_the_fp32_masters_exactly(folder, batch, tmp_path):
+    cfg = config(folder, "bfloat16", lr=2e-5)
+    stage = cfg.stages[0]
+    model = load_training_model(folder, cfg, stage).train()
+    optimizer = train(model, cfg, batch, steps=2)
+    checkpoint = tmp_path / "checkpoint"
+    save_model(model, ChatRexProcessor.from_pretrained(folder), checkpoint, compute_dtype(cfg))
+    torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
+
+    # the model users load is bfloat16 throughout, and says so
+    assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    with safe_open(str(checkpoint / MASTER_FILE), "pt") as masters:
+        params = dict(model.named_parameters())
+        assert set(masters.keys()) == {n for n, p in params.items() if p.requires_grad}
+        assert all(torch.equal(masters.get_tensor(n), params[n]) for n in masters.keys())
+
+    train(model, cfg, batch, steps=2, optimizer=optimizer)  # the run that was never interrupted
+    resumed = load_training_model(checkpoint, cfg, stage).train()
+    moments = torch.optim.AdamW(resumed.optimizer_param_groups(), lr=stage.lr)
+    moments.load_state_dict(torch.load(checkpoint / "optimizer.pt"))
+    assert all(s["exp_avg"].dtype == torch.float32 for s in moments.state.values())
+    train(resumed, cfg, batch, steps=2, optimizer=moments)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_fsdp_keeps_fp32_sharded_masters_and_computes_in_bf16(folder, batch, tmp_path):
+    """FSDP on one CPU rank (gloo) with the pipeline's MixedPrecision: the same update as a plain fp32 run."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fp32 = config(folder, "float32", lr=2e-5)
+    plain = load_training_model(folder, fp32, fp32.stages[0]).train()
+    fp32_start = llm_matrices(plain)
+    train(plain, fp32, batch, steps=3)
+    fp32_end = llm_matrices(plain)
+
+    cfg = config(folder, "bfloat16", lr=2e-5)
+    model = load_training_model(folder, cfg, cfg.stages[0]).train()
+    keep_fp32_masters(model, torch.bfloat16, everything=True)
+    start = llm_matrices(model)
+    seen = compute_dtypes(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(
+            model, device_id=torch.device("cpu"), **fsdp_kwargs(torch.bfloat16)
+        )
+        assert {p.dtype for p in wrapped.parameters()} == {torch.float32}  # the sharded masters
+        optimizer = torch.optim.AdamW(wrapped.module.optimizer_param_groups(), lr=2e-5)
+        for _ in range(3):
+            train_step(wrapped, optimizer, batch, cfg.grad_clip, torch.bfloat16)
+        end = llm_matrices(wrapped.module)
+    finally:
+        dist.destroy_process_group()
+    assert set(seen) == {torch.bfloat16}
+    assert fraction_changed(start, end) > 0.99
+    assert update_error(start, end, fp32_start, fp32_end) < 0.15
