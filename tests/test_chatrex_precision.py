@@ -22,7 +22,8 @@ from pipelines.train_chatrex import (  # noqa: E402
     MASTER_FILE,
     compute_dtype,
     fsdp_kwargs,
-    keep_fp32_masters,
+    gathered_state,
+    load_moments,
     load_training_model,
     save_model,
     train_step,
@@ -40,6 +41,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def batch(folder: Path) -> dict:
+    return make_batch(folder)
+
+
+def make_batch(folder: Path) -> dict:
+    """Three random images with two boxes each and a grounding answer: one fixed training batch."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
     answer = "<ground>it</ground><objects><obj1></objects>"
@@ -48,9 +54,11 @@ def batch(folder: Path) -> dict:
     )
 
 
-def config(folder: Path, dtype: str, lr: float, **stage) -> TrainConfig:
+def config(folder: Path, dtype: str, lr: float, grad_clip: float = 1.0, **stage) -> TrainConfig:
     stage = {"name": "perception", "steps": 10, "lr": lr, **stage}
-    return TrainConfig.model_validate({"model": str(folder), "stages": [stage], "scaling": {"dtype": dtype}})
+    return TrainConfig.model_validate(
+        {"model": str(folder), "stages": [stage], "scaling": {"dtype": dtype}, "grad_clip": grad_clip}
+    )
 
 
 def llm_matrices(model) -> dict[str, torch.Tensor]:
@@ -180,8 +188,8 @@ def test_fsdp_keeps_fp32_sharded_masters_and_computes_in_bf16(folder, batch, tmp
     fp32_end = llm_matrices(plain)
 
     cfg = config(folder, "bfloat16", lr=2e-5)
-    model = load_training_model(folder, cfg, cfg.stages[0]).train()
-    keep_fp32_masters(model, torch.bfloat16, everything=True)
+    model = load_training_model(folder, cfg, cfg.stages[0], fsdp=True).train()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # one dtype per flat parameter
     start = llm_matrices(model)
     seen = compute_dtypes(model)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
@@ -199,3 +207,82 @@ def test_fsdp_keeps_fp32_sharded_masters_and_computes_in_bf16(folder, batch, tmp
     assert set(seen) == {torch.bfloat16}
     assert fraction_changed(start, end) > 0.99
     assert update_error(start, end, fp32_start, fp32_end) < 0.15
+
+
+CLIP = 0.1
+
+
+def _fsdp_rank(rank: int, world: int, folder: Path, work: Path) -> None:
+    """One of two CPU ranks: train, checkpoint, train on; then resume from the checkpoint and train the
+    same steps again. Rank 0 saves the two final full states for the test to compare."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{work / 'pg'}", rank=rank, world_size=world)
+    cfg = config(folder, "bfloat16", lr=2e-5, grad_clip=CLIP)  # the gradient's norm is ~3: always clipped
+    stage, batch = cfg.stages[0], make_batch(folder)
+
+    def wrapped(model_dir: Path):
+        model = load_training_model(model_dir, cfg, stage, fsdp=True).train()
+        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **fsdp_kwargs(torch.bfloat16))
+        return model, torch.optim.AdamW(model.module.optimizer_param_groups(), lr=stage.lr)
+
+    def steps(model, optimizer, n: int) -> None:
+        for _ in range(n):
+            train_step(model, optimizer, batch, cfg.grad_clip, torch.bfloat16)
+
+    checkpoint = work / "checkpoint"
+    model, optimizer = wrapped(folder)
+    # the model alone: gathering an optimizer without state first initialises it with a zero-gradient step
+    start = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    steps(model, optimizer, 2)
+    local = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
+    clipped = torch.tensor(local)
+    dist.all_reduce(clipped)  # the norm of the clipped gradient over both shards
+    weights, moments = gathered_state(model, optimizer, fsdp=True)  # every rank takes part
+    if rank == 0:
+        save_model(model, ChatRexProcessor.from_pretrained(folder), checkpoint, torch.bfloat16, weights)
+        torch.save(moments.state_dict(), checkpoint / "optimizer.pt")
+    dist.barrier()
+    steps(model, optimizer, 2)
+    uninterrupted = gathered_state(model, optimizer, fsdp=True)[0]
+
+    model, optimizer = wrapped(checkpoint)
+    load_moments(model, optimizer, torch.load(checkpoint / "optimizer.pt") if rank == 0 else None, True)
+    steps(model, optimizer, 2)
+    resumed = gathered_state(model, optimizer, fsdp=True)[0]
+    if rank == 0:
+        states = {"start": start, "checkpoint": weights, "uninterrupted": uninterrupted, "resumed": resumed}
+        states["clipped_norm"] = float(clipped.sqrt())
+        torch.save(states, work / "states.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_checkpoints_are_whole_bf16_models_and_resume_exactly(folder, tmp_path):
+    """Two FSDP ranks (gloo, CPU), each holding half of every flat parameter: a checkpoint is gathered into
+    the whole model in bf16 (plus fp32 masters), and a run resumed from it repeats the uninterrupted run."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.spawn(_fsdp_rank, args=(2, folder, tmp_path), nprocs=2, join=True)
+    full = {n: p.shape for n, p in load_file(str(next(folder.glob("*.safetensors")))).items()}
+    saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert {n: t.shape for n, t in saved.items()} == full  # whole tensors, not one rank's shard
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    masters = load_file(str(tmp_path / "checkpoint" / MASTER_FILE))
+    assert {t.dtype for t in masters.values()} == {torch.float32} and set(masters) <= set(full)
+    states = torch.load(tmp_path / "states.pt")
+    # two shards step as one model: the update matches a single process's
+    assert states["clipped_norm"] == pytest.approx(CLIP, rel=1e-3)  # clipped by the norm over both shards
+    cfg = config(folder, "bfloat16", lr=2e-5, grad_clip=CLIP)
+    single = load_training_model(folder, cfg, cfg.stages[0]).train()
+    start = {n: p.detach().clone() for n, p in single.named_parameters()}
+    assert all(torch.equal(start[n], states["start"][n]) for n in start)
+    train(single, cfg, make_batch(folder), steps=2)
+    end = {n: p.detach().clone() for n, p in single.named_parameters()}
+    assert update_error({n: states["start"][n] for n in start}, states["checkpoint"], start, end) < 0.15
+    assert states["uninterrupted"].keys() == states["resumed"].keys()
+    for name, value in states["uninterrupted"].items():
+        assert torch.equal(value, states["resumed"][name]), name
