@@ -286,3 +286,44 @@ def test_fsdp_checkpoints_are_whole_bf16_models_and_resume_exactly(folder, tmp_p
     assert states["uninterrupted"].keys() == states["resumed"].keys()
     for name, value in states["uninterrupted"].items():
         assert torch.equal(value, states["resumed"][name]), name
+
+
+BF16_RUN = """
+model: "tiny:chatrex"
+stages:
+  - {name: perception, steps: 8, lr: 2.0e-3}
+batch_size: 4
+shuffle_buffer: 8
+log_every: 2
+checkpoint_every: 4
+scaling: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, torch_threads: 1, dtype: bfloat16}
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_a_bf16_training_run_resumes_and_leaves_a_bf16_model(gt_shards, engine_env, tmp_path):
+    """Through Ray Train: killed after a checkpoint, rerun, it resumes from the checkpoint's fp32 masters;
+    the stage's final folder keeps them (the next stage starts from it); the user's model is bf16 only."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, kill_when
+
+    config_file = tmp_path / "bf16.yaml"
+    config_file.write_text(BF16_RUN)
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "pipelines" / "train_chatrex.py"), "--config", str(config_file)]
+    command += ["--shards", str(gt_shards), "--output", str(out)]
+    snapshot = out / "runs" / "0-perception" / "checkpoint_manager_snapshot.json"
+    kill_when(command, engine_env, snapshot.exists, "a perception-stage checkpoint")
+    done = subprocess.run(command, env=engine_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "resumed from the checkpoint of step 4" in done.stdout + done.stderr
+    with safe_open(str(out / "0-perception" / "final" / MASTER_FILE), "pt") as masters:
+        assert {masters.get_tensor(k).dtype for k in masters.keys()} == {torch.float32}
+    model = out / "model"
+    assert not (model / MASTER_FILE).exists() and not (model / "optimizer.pt").exists()
+    assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(model / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
