@@ -258,11 +258,13 @@ def train_loop(config: dict[str, Any]) -> None:
         moments = saved_optimizer_state(restored) if resume and (rank == 0 or not fsdp) else None
     if restored is not None and rank == 0:
         print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
+    # groups before wrapping: FSDP keeps the parameter objects but flattens them to 1-D shards, which
+    # `optimizer_param_groups` would take for biases (no weight decay)
+    groups = model.optimizer_param_groups(cfg.weight_decay)
     model = ray.train.torch.prepare_model(
         model, parallel_strategy=stage.strategy, parallel_strategy_kwargs=fsdp_kwargs(dtype) if fsdp else None
     )
-    inner = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr)
     if resume:
         load_moments(model, optimizer, moments, fsdp)
     del moments

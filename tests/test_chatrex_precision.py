@@ -224,10 +224,11 @@ def _fsdp_rank(rank: int, world: int, folder: Path, work: Path) -> None:
     cfg = config(folder, "bfloat16", lr=2e-5, grad_clip=CLIP)  # the gradient's norm is ~3: always clipped
     stage, batch = cfg.stages[0], make_batch(folder)
 
-    def wrapped(model_dir: Path):
+    def wrapped(model_dir: Path):  # as train_loop does it
         model = load_training_model(model_dir, cfg, stage, fsdp=True).train()
+        groups = model.optimizer_param_groups(cfg.weight_decay)
         model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), **fsdp_kwargs(torch.bfloat16))
-        return model, torch.optim.AdamW(model.module.optimizer_param_groups(), lr=stage.lr)
+        return model, torch.optim.AdamW(groups, lr=stage.lr)
 
     def steps(model, optimizer, n: int) -> None:
         for _ in range(n):
