@@ -71,15 +71,42 @@ _LOADED: dict[tuple[str, str], tuple[Any, torch.device]] = {}
 
 
 def load_model(auto_class: Any, ref: ModelRef) -> tuple[Any, torch.device]:
-    """`auto_class.from_pretrained(ref)` in eval mode on the configured device and dtype, once per process."""
+    """`auto_class.from_pretrained(ref)` in eval mode on the configured device and dtype, once per process.
+
+    `device_map` puts the weights straight onto the device as they are read: built on the CPU and moved
+    after, a 7B model cost ~15 GB of host memory per actor, and eight actors starting on one node at once
+    spiked past 120 GB.
+    """
     key = (f"{auto_class.__module__}.{auto_class.__qualname__}", ref.model_dump_json())
     if key not in _LOADED:
         quiet_loading()
         device = pick_device(ref.device)
         dtype = pick_dtype(ref.dtype, device)
-        model = auto_class.from_pretrained(resolve_model(ref.name), dtype=dtype, **pretrained_kwargs(ref))
-        _LOADED[key] = (model.to(device).eval(), device)
+        model = auto_class.from_pretrained(
+            resolve_model(ref.name), dtype=dtype, device_map=device, **pretrained_kwargs(ref)
+        )
+        _LOADED[key] = (model.eval(), device)
     return _LOADED[key]
+
+
+def model_inputs(inputs: Any, model: Any, device: torch.device) -> dict[str, Any]:
+    """A processor's output on `device`, with its pixels in the model's dtype.
+
+    Processors return float32 pixels, and several models (Grounding DINO's Swin patch embedding among
+    them) do not cast them to their bfloat16 weights: every image would fail. Only pixel tensors are
+    cast: token ids and masks keep their integer dtype, and coordinates (SAM 2's boxes) stay float32,
+    where bfloat16 would move a 1000-px box edge by up to 4 px.
+    """
+    import torch
+
+    dtype = getattr(model, "dtype", None)
+    moved: dict[str, Any] = {}
+    for name, value in dict(inputs).items():
+        if isinstance(value, torch.Tensor):
+            pixels = name.startswith("pixel_values") and value.is_floating_point() and dtype is not None
+            value = value.to(device=device, dtype=dtype if pixels else value.dtype)
+        moved[name] = value
+    return moved
 
 
 def load_processor(auto_class: Any, ref: ModelRef, **kwargs: Any) -> Any:

@@ -60,6 +60,9 @@ class Stage:
     name: ClassVar[str]
     config_class: ClassVar[type[Strict]]
     unit: ClassVar[str] = "regions"
+    # The preflight sets a dict here to see every score a threshold is applied to (`log_scores`);
+    # None in a run, where logging them would cost memory for nothing.
+    score_log: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
@@ -85,6 +88,15 @@ class Stage:
             "revision": getattr(model, "revision", None),
             "params": params_hash(params),
         }
+
+    def warm_up(self) -> None:
+        """Load what the stage loads lazily (the preflight times loading apart from the first images)."""
+
+    def log_scores(self, name: str, values: Sequence[float], threshold: float) -> None:
+        """Record scores that `threshold` is applied to (all of them, kept or not) when a preflight asks."""
+        if self.score_log is not None:
+            entry = self.score_log.setdefault(name, {"threshold": threshold, "values": []})
+            entry["values"].extend(float(v) for v in values)
 
     def process(self, items: list[Item]) -> None:
         """Mutate `items` in place: add to `item.record`, or `item.reject(...)` / `item.drop(...)`."""

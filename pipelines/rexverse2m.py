@@ -4,6 +4,7 @@ Local (embedded Ray):  python pipelines/rexverse2m.py --config configs/fixture.y
                            --input tests/fixtures/fixture100 --output out/fixture
 Cluster:               ray job submit --working-dir . -- python pipelines/rexverse2m.py --config ... \\
                            --input s3://bucket/images --output s3://bucket/rexverse2m
+Preflight first:        python pipelines/rexverse2m.py --config ... --input ... --preflight 4
 A rerun into the same --output resumes: committed members of each source are skipped, no key is written twice.
 
 This file is the job: the ordered stages (each module owns its config class, so `stages.<name>.<field>`
@@ -94,8 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of images, .tar file(s) or a glob of them, .parquet/.jsonl with a 'uri' column, "
         "or a COCO .json; repeat to combine",
     )
+    parser.add_argument("--output", help="output folder or object-store URI (s3://...); resumed if it exists")
     parser.add_argument(
-        "--output", required=True, help="output folder or object-store URI (s3://...); resumed if it exists"
+        "--preflight",
+        nargs="?",
+        type=int,
+        const=4,
+        default=None,
+        metavar="N",
+        help="load every enabled stage and run the first N images (default 4) in this process: per-stage "
+        "load time, memory, s/image, rejects, score distributions against their thresholds and one record; "
+        "writes nothing (no --output needed); exit != 0 on any stage error. Run it before a big run.",
     )
     parser.add_argument("--limit", type=int, default=None, help="process at most the first N listed images")
     parser.add_argument(
@@ -112,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.preflight is not None and args.preflight < 1:
+        parser.error("--preflight N must be >= 1")
+    if args.preflight is None and not args.output:
+        parser.error("--output is required (except with --preflight)")
     return args
 
 
@@ -127,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_job_config(args.config, args.overrides)
         if args.quiet:
             cfg.ray.show_progress = False
+        if args.preflight is not None:
+            from engine.preflight import run_preflight
+
+            return run_preflight(cfg, STAGES, args.input, args.preflight)
         run_job(
             cfg, args.input, args.output, limit=args.limit, overwrite=args.overwrite, use_ray=not args.no_ray
         )

@@ -80,6 +80,151 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return warmup_cosine(step, stage.steps, stage.warmup_steps)
 
 
+# --- precision -------------------------------------------------------------------------------------------
+# `scaling.dtype` is the compute dtype, the dtype of frozen weights and the dtype checkpoints are saved in.
+# What the optimizer steps is always float32 ("master weights"): AdamW on bfloat16 weights rounds most small
+# updates away (bench/bf16_updates.py: at lr 2e-5 on weights of std 0.02, 10 steps changed ~half the bf16
+# weights, every fp32 one). The forward runs under autocast in the compute dtype; FSDP casts its flat
+# parameters with its own MixedPrecision. Checkpoints hold the model in `scaling.dtype` (what users load)
+# plus MASTER_FILE, the float32 values of the trained parameters, which a resume or the next stage reads back.
+
+MASTER_FILE = "master_weights.safetensors"
+
+
+def compute_dtype(cfg: TrainConfig) -> Any:
+    import torch
+
+    return torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
+
+
+def autocast(device_type: str, dtype: Any) -> Any:
+    """Autocast to `dtype` on `device_type` (cuda or cpu; both run bfloat16), a no-op for float32."""
+    import torch
+
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def keep_fp32_masters(model: Any, dtype: Any, everything: bool = False) -> None:
+    """Trainable parameters in float32, frozen ones in `dtype` (no optimizer touches them, so they keep the
+    checkpoint's precision at half the memory); `everything`: all in float32 (FSDP: a flat parameter holds
+    one dtype, and MixedPrecision casts it for the compute). In place: DDP hooks and row hooks stay."""
+    import torch
+
+    for param in model.parameters():
+        if param.is_floating_point():
+            wanted = torch.float32 if everything or param.requires_grad else dtype
+            if param.dtype != wanted:
+                param.data = param.data.to(wanted)
+
+
+def fsdp_kwargs(dtype: Any) -> dict[str, Any]:
+    """FSDP's arguments: float32 sharded master parameters, compute and buffers in `dtype`, gradients
+    reduced in float32 (a bfloat16 reduce-scatter over 8+ ranks rounds the small per-rank contributions that
+    this policy exists to keep). `use_orig_params` keeps the model's own parameters visible, so the
+    optimizer groups (`optimizer_param_groups`) and frozen vision towers work under FSDP."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    policy = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype)
+    return {"mixed_precision": policy, "use_orig_params": True}
+
+
+class _Saved:
+    """Stands for the optimizer in `report_checkpoint`, which saves its `state_dict()`: here, the state that
+    `gathered_state` collected from every rank."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def gathered_state(model: Any, optimizer: Any, fsdp: bool) -> tuple[dict[str, Any] | None, Any]:
+    """(full model state dict, optimizer stand-in) for a checkpoint. Under FSDP each rank holds a shard, so
+    every rank must call this (a collective); rank 0 receives the full float32 state on the CPU (parameter
+    names as keys), the others empty dicts. Otherwise (None, the optimizer itself): nothing to gather."""
+    if not fsdp:
+        return None, optimizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Offload to the host on GPUs (a whole 7B state on every GPU would not fit). Not on CPU: FSDP then skips
+    # its copy of each gathered tensor, relying on `.cpu()` to make one, which returns the same tensor on the
+    # CPU, and the reused gather buffer overwrites exp_avg with exp_avg_sq (seen with torch 2.14, gloo).
+    on_gpu = next(model.parameters()).device.type != "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=on_gpu)
+    weights, moments = get_state_dict(model, optimizer, options=options)
+    return weights, _Saved(moments)
+
+
+def load_moments(model: Any, optimizer: Any, moments: dict[str, Any] | None, fsdp: bool) -> None:
+    """Resume the optimizer from a checkpoint's state. Under FSDP the state is the full one that
+    `gathered_state` saved; rank 0 reads it and it is scattered to the ranks' shards (the others pass None:
+    each rank reading the whole state would hold all of it in host memory at once)."""
+    if not fsdp:
+        optimizer.load_state_dict(moments)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, moments or {}, options=options)
+
+
+def restore_masters(model: Any, folder: Path) -> None:
+    """Put the float32 master values a checkpoint saved (MASTER_FILE) back into `model`'s parameters, one
+    tensor at a time straight onto each parameter's device."""
+    from safetensors import safe_open
+
+    path = folder / MASTER_FILE
+    if not path.exists():
+        return
+    params = dict(model.named_parameters())
+    with safe_open(str(path), framework="pt") as masters:
+        for name in masters.keys():
+            if name not in params:
+                raise RuntimeError(f"{path} holds {name}, which the model in {folder} does not have")
+            params[name].data = masters.get_tensor(name).to(params[name].device)
+
+
+def load_training_model(
+    model_dir: Path, cfg: TrainConfig, stage: StageConfig, device: Any = "cpu", fsdp: bool = False
+) -> Any:
+    """The model of one stage from `model_dir` on `device`, frozen for the stage (LoRA applied), its trainable
+    parameters (`fsdp`: all parameters) as float32 masters, restored from the checkpoint's MASTER_FILE if it
+    has one; not yet wrapped. Loaded in `scaling.dtype` and cast to float32 on the device: the host never
+    holds a float32 copy."""
+    from chatrex.modeling import ChatRexForConditionalGeneration
+
+    dtype = compute_dtype(cfg)
+    model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+    restore_masters(model, model_dir)
+    model.set_trainable(stage.name, train_vision=stage.vision_trains)
+    if stage.lora:
+        # projectors + new token rows; the LLM body trains through LoRA
+        model.set_trainable("alignment", train_vision=stage.vision_trains)
+        model = apply_lora(model, cfg)
+    keep_fp32_masters(model, dtype, everything=fsdp)
+    return model
+
+
+def train_step(model: Any, optimizer: Any, inputs: dict[str, Any], grad_clip: float, dtype: Any) -> Any:
+    """One optimizer step on one batch, the forward under autocast to `dtype`; returns the detached loss."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    device_type = next(model.parameters()).device.type
+    with autocast(device_type, dtype):
+        loss = model(**inputs, answer_logits_only=True).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if isinstance(model, FullyShardedDataParallel):  # the norm over every rank's shard, not the local one
+        model.clip_grad_norm_(grad_clip)
+    else:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
     n = len(batch["__key__"])
     return [{name: column[i] for name, column in batch.items()} for i in range(n)]
@@ -92,7 +237,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from chatrex.data import training_sample
-    from chatrex.modeling import ChatRexForConditionalGeneration
     from chatrex.processor import ChatRexProcessor
 
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -101,26 +245,29 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
-    dtype = torch.bfloat16 if cfg.scaling.dtype == "bfloat16" else torch.float32
+    fsdp = stage.strategy == "fsdp" and context.get_world_size() > 1  # Ray wraps one worker in neither
+    device = ray.train.torch.get_device()
+    dtype = compute_dtype(cfg)
     with restored_checkpoint() as (state, restored):  # an interrupted run of this stage, or its start
         model_dir = restored or Path(config["start_dir"])
-        model = ChatRexForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        model = load_training_model(model_dir, cfg, stage, device, fsdp)
         processor = ChatRexProcessor.from_pretrained(model_dir)
         # LoRA's adapters are merged into the saved model: its optimizer state no longer fits
-        moments = None if stage.lora else saved_optimizer_state(restored)
+        resume = not stage.lora and restored is not None and (restored / OPTIMIZER_FILE).exists()
+        # under FSDP rank 0 reads the full state and scatters it (`load_moments`)
+        moments = saved_optimizer_state(restored) if resume and (rank == 0 or not fsdp) else None
     if restored is not None and rank == 0:
         print(f"[{stage.name}] resumed from the checkpoint of step {state['step']}", flush=True)
-    model.set_trainable(stage.name, train_vision=stage.vision_trains)
-    if stage.lora:
-        # projectors + new token rows; the LLM body trains through LoRA
-        model.set_trainable("alignment", train_vision=stage.vision_trains)
-        model = apply_lora(model, cfg)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=stage.strategy)
-    device = ray.train.torch.get_device()
-    inner = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(inner.optimizer_param_groups(cfg.weight_decay), lr=stage.lr)
-    if moments is not None:
-        optimizer.load_state_dict(moments)
+    # groups before wrapping: FSDP keeps the parameter objects but flattens them to 1-D shards, which
+    # `optimizer_param_groups` would take for biases (no weight decay)
+    groups = model.optimizer_param_groups(cfg.weight_decay)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy=stage.strategy, parallel_strategy_kwargs=fsdp_kwargs(dtype) if fsdp else None
+    )
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr)
+    if resume:
+        load_moments(model, optimizer, moments, fsdp)
+    del moments
     resumed_at = state["step"]  # the scheduler counts from 0 in this process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + resumed_at, stage))
     shard = ray.train.get_dataset_shard("train")
@@ -150,11 +297,7 @@ def train_loop(config: dict[str, Any]) -> None:
             inputs = {
                 k: [b.to(device) for b in v] if k == "boxes" else v.to(device) for k, v in inputs.items()
             }
-            loss = model(**inputs, answer_logits_only=True).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
+            loss = train_step(model, optimizer, inputs, cfg.grad_clip, dtype)
             scheduler.step()
             state["step"] += 1
             window.append(float(loss.detach()))
@@ -177,9 +320,15 @@ def train_loop(config: dict[str, Any]) -> None:
                         flush=True,
                     )
                 if state["step"] % cfg.checkpoint_every == 0 or done:
+                    weights, moments = gathered_state(model, optimizer, fsdp)  # FSDP: every rank gathers
                     report_checkpoint(
-                        lambda folder: save_model(model, processor, folder), optimizer, state, metrics, rank
+                        lambda folder, weights=weights: save_model(model, processor, folder, dtype, weights),
+                        moments,
+                        state,
+                        metrics,
+                        rank,
                     )
+                    del weights, moments
                 else:
                     ray.train.report(metrics)
             if done:
@@ -189,9 +338,39 @@ def train_loop(config: dict[str, Any]) -> None:
         state["epoch"] += 1
 
 
-def save_model(model: Any, processor: Any, folder: Path) -> None:
-    """A checkpoint's model: the plain ChatRex weights and the processor beside them."""
-    plain_model(model).save_pretrained(folder)
+def save_model(
+    model: Any, processor: Any, folder: Path, dtype: Any = None, weights: dict[str, Any] | None = None
+) -> None:
+    """A checkpoint's model: the plain ChatRex weights in `dtype` (default: as they are), the processor
+    beside them, and MASTER_FILE with the float32 values of parameters that `dtype` would round.
+    `weights`: the full state dict when the model's own is sharded (FSDP, `gathered_state`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    plain = plain_model(model)
+    dtype = plain.dtype if dtype is None else dtype
+    weights = plain.state_dict() if weights is None else weights
+    state: dict[str, Any] = {}
+    cast: dict[tuple, Any] = {}  # one copy per storage: tied weights stay one tensor
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key not in cast:
+                cast[key] = tensor.detach().to("cpu", dtype)
+            tensor = cast[key]
+        state[name] = tensor
+    plain.save_pretrained(folder, state_dict=state)
+    if plain.dtype != dtype:  # save_pretrained writes the in-memory dtype (float32 masters) into config.json
+        plain.config.dtype = str(dtype).removeprefix("torch.")
+        plain.config.save_pretrained(folder)
+    params = [n for n, _ in plain.named_parameters()]  # tied weights once
+    masters = {
+        n: weights[n].detach().to("cpu").contiguous()
+        for n in params
+        if weights[n].dtype == torch.float32 and dtype != torch.float32
+    }
+    if masters:
+        save_file(masters, str(folder / MASTER_FILE))
     processor.save_pretrained(folder)
 
 
@@ -273,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         model_dir = output / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(start_dir, model_dir, ignore=shutil.ignore_patterns(OPTIMIZER_FILE))
+        # the user's model: weights in scaling.dtype, without the optimizer and float32 masters of a resume
+        shutil.copytree(start_dir, model_dir, ignore=shutil.ignore_patterns(OPTIMIZER_FILE, MASTER_FILE))
         (output / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"trained model: {model_dir}", flush=True)
     except ConfigError as exc:

@@ -8,13 +8,19 @@ builder here makes a 0.5-2 MB model with random weights plus a tokenizer trained
 Names are used as `tiny:<name>` wherever a config takes a model id; `resolve_model` turns them into folders.
 What callers can rely on (the tests check each):
 
-- qwen2-vl, qwen2-lm: Qwen ChatML specials with the real names, `<|im_end|>` = EOS, `<|endoftext|>` = pad,
-  left padding, a chat template; "yes", "no", " yes", " no", "Yes", "No" are single tokens. Only whole-word
-  tokens have non-zero LM-head rows, so greedy output is corpus words and never stops early: always pass
-  `max_new_tokens`.
-- grounding-dino: 30 queries, `max_text_len` 256, lowercase WordPiece over the corpus words (+ letters).
-- siglip, clip, owlv2: call processors with `padding="max_length", truncation=True`; EOS is the top id.
-- sam2: 128 px input, box prompts, 32x32 low-res masks.
+Each is saved in the format of the real checkpoint it stands in for (docs/models.md lists the fields):
+- qwen2-vl, qwen2-lm: `Qwen2Tokenizer` with Qwen's 14 special tokens in the real order (ChatML, object-ref,
+  box, quad and vision tokens), `<|im_end|>` = EOS, `<|endoftext|>` = pad, left padding, a chat template;
+  qwen2-vl's processor has the real min/max pixels, patch 14, merge 2, temporal patch 2. "yes", "no",
+  " yes", " no", "Yes", "No" are single tokens. Only whole-word tokens have non-zero LM-head rows, so greedy
+  output is corpus words and never stops early: always pass `max_new_tokens`.
+- grounding-dino: 30 queries, `max_text_len` 256, lowercase WordPiece in bert-base-uncased's id layout
+  ([CLS] 101, [SEP] 102, `.` 1012, `?` 1029: the ids transformers splits phrases at) + the corpus words.
+- siglip: `SiglipTokenizer` (sentencepiece), `</s>` = EOS = pad (id 1), model_max_length 64; call with
+  `padding="max_length", truncation=True`.
+- clip, owlv2: call processors with `padding="max_length", truncation=True`; EOS is the top id.
+- sam2: `model_type: sam2_video` (`Sam2VideoModel`, `Sam2VideoProcessor`) as the hub's SAM 2 / 2.1; load
+  with `AutoModelForMaskGeneration`; 128 px input, box prompts, 32x32 low-res masks.
 - sam2-official (the `sam2` package): `checkpoint.pt` ({"model": state_dict}) + `build.json` with the hydra
   config name and overrides that rebuild it; 128 px input.
 - groundingdino-official (`groundingdino-py`): SLConfig `GroundingDINO_tiny.py`, `groundingdino_tiny.pth`
@@ -63,6 +69,8 @@ _BUILD_LOCK = threading.RLock()
 # Target BPE size; the corpus saturates below it (~1240 merges), so every corpus word is one token.
 _BPE_VOCAB = 2048
 
+# Qwen2 / Qwen2-VL's special tokens in the real vocabulary's order (ids 151643-151656 there; here they
+# follow the trained BPE in the same order, at the top of the vocabulary as in the real one).
 QWEN_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -71,11 +79,17 @@ QWEN_SPECIALS = [
     "<|object_ref_end|>",
     "<|box_start|>",
     "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
     "<|vision_start|>",
     "<|vision_end|>",
+    "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+# The real Qwen2-VL processor's settings (preprocessor_config.json of Qwen/Qwen2-VL-7B-Instruct)
+QWEN2_VL_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384}
+QWEN2_VL_PATCHES = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
 
 # Written for these models (not copied): the Qwen ChatML layout; string content or a list of typed parts.
 _QWEN_VL_CHAT_TEMPLATE = (
@@ -167,7 +181,7 @@ def _spec_hash(name: str) -> str:
     h.update(name.encode())
     h.update(Path(__file__).read_bytes())
     h.update(_CORPUS_PATH.read_bytes())
-    for dist in ("torch", "transformers", "tokenizers", "safetensors"):
+    for dist in ("torch", "transformers", "tokenizers", "safetensors", "sentencepiece"):
         h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
     dists, files = _EXTRA_DEPS.get(name, ((), ()))
     for dist in dists:
@@ -225,19 +239,34 @@ def _train_bpe(special_tokens: list[str]) -> Tokenizer:
     return tok
 
 
-def _qwen_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
-    """Qwen-style tokenizer: ChatML specials, `<|im_end|>` as EOS, left padding for batched generation."""
-    from transformers import PreTrainedTokenizerFast
+def _qwen_tokenizer(chat_template: str) -> PreTrainedTokenizerBase:
+    """Qwen's own tokenizer class (`Qwen2Tokenizer`: byte-level BPE, Qwen's pre-tokenizer that splits
+    digits one by one) over a BPE trained on the corpus, the real special tokens at the top ids,
+    `<|im_end|>` as EOS, `<|endoftext|>` as pad, left padding for batched generation."""
+    import json
 
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(QWEN_SPECIALS),
+    from transformers import Qwen2Tokenizer
+
+    model = json.loads(_train_bpe([]).to_str())["model"]
+    vocab = dict(model["vocab"])
+    for token in QWEN_SPECIALS:
+        vocab[token] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=[t for t in QWEN_SPECIALS if t not in ("<|endoftext|>", "<|im_end|>")],
         padding_side="left",
+        model_max_length=32768,
+        errors="replace",
+        split_special_tokens=False,
         chat_template=chat_template,
-        model_max_length=4096,
     )
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS)})
+    for token in QWEN_SPECIALS:
+        assert tok.convert_tokens_to_ids(token) == vocab[token], f"{token} moved"
     for word in ("yes", "no", " yes", " no", "Yes", "No"):
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, f"{word!r} must be one token"
     return tok
@@ -269,20 +298,17 @@ def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def _wordpiece_vocab() -> list[str]:
-    """BERT specials, punctuation, then single letters and ##letters (so an unseen word splits instead of
-    becoming [UNK]), then the corpus words."""
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *".,;:?!'-()",
-        *letters,
-        *(f"##{c}" for c in letters),
-    ]
-    return pieces + [w for w in _corpus_words() if w not in pieces]
+    """bert-base-uncased's layout where ids matter: [PAD] 0, [unused*] fillers, [UNK] 100, [CLS] 101,
+    [SEP] 102, [MASK] 103, then from 999 the printable ASCII characters in order, so `.` is 1012 and `?`
+    1029 (Grounding DINO separates phrases at exactly these ids); then ##letters (an unseen word splits
+    instead of becoming [UNK]) and the corpus words."""
+    vocab = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [f"[unused{i}]" for i in range(99, 99 + 999 - len(vocab))]
+    ascii_chars = [chr(c) for c in range(ord("!"), ord("~") + 1) if not chr(c).isupper()]
+    vocab += ascii_chars + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    ids = [vocab.index(token) for token in ("[CLS]", "[SEP]", ".", "?")]
+    assert ids == [101, 102, 1012, 1029], ids
+    return vocab + [w for w in _corpus_words() if w not in vocab]
 
 
 def _wordpiece_tokenizer(vocab: list[str]) -> PreTrainedTokenizerBase:
@@ -308,11 +334,11 @@ def _build_qwen2_vl(out: Path) -> None:
 
     tokenizer = _qwen_tokenizer(_QWEN_VL_CHAT_TEMPLATE)
     ids = _qwen_token_ids(tokenizer)
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 256 * 256}
+    settings = {**QWEN2_VL_PIXELS, **QWEN2_VL_PATCHES}
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels),
+        image_processor=Qwen2VLImageProcessor(**settings),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**pixels),  # the processor refuses None
+        video_processor=Qwen2VLVideoProcessor(**settings),  # the processor refuses None
         chat_template=_QWEN_VL_CHAT_TEMPLATE,
     )
     special = {
@@ -339,9 +365,9 @@ def _build_qwen2_vl(out: Path) -> None:
             "hidden_size": 64,
             "num_heads": 2,
             "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
+            "patch_size": QWEN2_VL_PATCHES["patch_size"],
+            "spatial_merge_size": QWEN2_VL_PATCHES["merge_size"],
+            "temporal_patch_size": QWEN2_VL_PATCHES["temporal_patch_size"],
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -466,40 +492,77 @@ def _clip_style_tokenizer(bos: str | None, eos: str, max_length: int) -> PreTrai
     )
 
 
-def _build_siglip(out: Path) -> None:
-    """SigLIP image-text scorer; text is pooled at the last position, so callers pad to max_length."""
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+def _sentencepiece_model() -> bytes:
+    """A unigram sentencepiece model of the corpus with SigLIP's ids: `<pad>` 0, `</s>` 1, `<unk>` 2.
 
-    tokenizer = _clip_style_tokenizer(None, "</s>", max_length=64)
-    eos = tokenizer.eos_token_id
-    processor = SiglipProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    One thread and no sampling: the same corpus gives the same bytes every time (checked by a test).
+    """
+    import io
+
+    import sentencepiece
+
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus_lines()),
+        model_writer=buffer,
+        model_type="unigram",
+        vocab_size=600,
+        hard_vocab_limit=False,  # the corpus saturates below it
+        pad_id=0,
+        pad_piece="<pad>",
+        eos_id=1,
+        eos_piece="</s>",
+        unk_id=2,
+        unk_piece="<unk>",
+        bos_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        shuffle_input_sentence=False,
+        num_threads=1,
+        minloglevel=2,
     )
-    config = SiglipConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 64,
-            "pad_token_id": eos,
-            "bos_token_id": eos,
-            "eos_token_id": eos,
-        },
-        vision_config={
-            "image_size": 64,
-            "patch_size": 16,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-    )
-    with _seeded():
-        model = SiglipModel(config).eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    return buffer.getvalue()
+
+
+def _build_siglip(out: Path) -> None:
+    """SigLIP image-text scorer in google/siglip-*'s format: `SiglipTokenizer` (sentencepiece), `</s>` as
+    EOS and pad (id 1), `model_max_length` 64; text is pooled at the last position, so callers pad to
+    max_length."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_file = Path(scratch) / "spiece.model"
+        model_file.write_bytes(_sentencepiece_model())
+        tokenizer = SiglipTokenizer(vocab_file=str(model_file), model_max_length=64)
+        processor = SiglipProcessor(
+            image_processor=SiglipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
+        )
+        eos = tokenizer.eos_token_id
+        config = SiglipConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 64,
+                "pad_token_id": eos,
+                "bos_token_id": eos,
+                "eos_token_id": eos,
+            },
+            vision_config={
+                "image_size": 64,
+                "patch_size": 16,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+            },
+        )
+        with _seeded():
+            model = SiglipModel(config).eval()
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
 
 
 def _build_clip(out: Path) -> None:
@@ -578,15 +641,18 @@ def _build_owlv2(out: Path) -> None:
 
 
 def _build_sam2(out: Path) -> None:
-    """SAM2 for box prompts at 128 px: Hiera strides 4/8/16/32, 8x8 image embedding, 32x32 mask logits."""
+    """SAM 2 in the hub checkpoints' format (`model_type: sam2_video`, `Sam2VideoModel`,
+    `Sam2VideoProcessor`) for box prompts at 128 px: Hiera strides 4/8/16/32, 8x8 image embedding, 32x32
+    mask logits, a 1-layer memory path. Load it with `AutoModelForMaskGeneration` (-> `Sam2Model`)."""
     from transformers import (
-        Sam2Config,
         Sam2HieraDetConfig,
         Sam2ImageProcessor,
-        Sam2MaskDecoderConfig,
-        Sam2Model,
-        Sam2Processor,
-        Sam2PromptEncoderConfig,
+        Sam2VideoConfig,
+        Sam2VideoMaskDecoderConfig,
+        Sam2VideoModel,
+        Sam2VideoProcessor,
+        Sam2VideoPromptEncoderConfig,
+        Sam2VideoVideoProcessor,
         Sam2VisionConfig,
     )
 
@@ -602,27 +668,40 @@ def _build_sam2(out: Path) -> None:
         global_attention_blocks=[4],  # second block of stage 3: a stage's first block may not be global
         window_positional_embedding_background_size=[4, 4],
     )
-    config = Sam2Config(
+    config = Sam2VideoConfig(
         vision_config=Sam2VisionConfig(
             backbone_config=backbone,
             backbone_channel_list=[128, 64, 32, 16],
             backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
             fpn_hidden_size=32,
         ),
-        prompt_encoder_config=Sam2PromptEncoderConfig(
+        prompt_encoder_config=Sam2VideoPromptEncoderConfig(
             hidden_size=32, image_size=size, patch_size=16, mask_input_channels=4
         ),
-        mask_decoder_config=Sam2MaskDecoderConfig(
+        mask_decoder_config=Sam2VideoMaskDecoderConfig(
             hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
         ),
+        image_size=size,
+        num_maskmem=2,
+        memory_attention_hidden_size=32,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64,
+        memory_attention_rope_feat_sizes=[size // 16] * 2,
+        memory_encoder_hidden_size=32,
+        memory_encoder_output_channels=16,
+        mask_downsampler_embed_dim=32,
+        memory_fuser_embed_dim=32,
+        memory_fuser_intermediate_dim=64,
+        memory_fuser_num_layers=1,
     )
-    processor = Sam2Processor(
+    processor = Sam2VideoProcessor(
         image_processor=Sam2ImageProcessor(
             size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4}
-        )
+        ),
+        video_processor=Sam2VideoVideoProcessor(size={"height": size, "width": size}),
     )
     with _seeded():
-        model = Sam2Model(config).eval()
+        model = Sam2VideoModel(config).eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
 

@@ -52,6 +52,9 @@ class Caption(Stage):
         super().__init__(cfg)
         self._vlm: ChatVLM | None = None
 
+    def warm_up(self) -> None:
+        self.vlm  # noqa: B018 (the property loads the model)
+
     @property
     def vlm(self) -> ChatVLM:
         if self._vlm is None:

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import inference_mode, load_model, load_processor
+from engine.models import inference_mode, load_model, load_processor, model_inputs
 from stages.base import Stage
 
 
@@ -86,8 +86,8 @@ class ImageClassifier:
     def __call__(self, images: list[Image.Image]) -> list[float]:
         if not images:
             return []
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-        probs = self.model(**inputs).logits.float().softmax(dim=-1)
+        inputs = self.processor(images=images, return_tensors="pt")
+        probs = self.model(**model_inputs(inputs, self.model, self.device)).logits.float().softmax(dim=-1)
         return probs[:, self.ids].sum(dim=-1).tolist()
 
 
@@ -117,6 +117,8 @@ class Collect(Stage):
         for name, check, classify in self.checks:
             for start in range(0, len(live), step):
                 chunk = [(item, image) for item, image in live[start : start + step] if item.ok]
-                for (item, _), score in zip(chunk, classify([im for _, im in chunk]), strict=True):
+                scores = classify([im for _, im in chunk])
+                self.log_scores(f"{name} p (rejects at >=)", scores, check.threshold)
+                for (item, _), score in zip(chunk, scores, strict=True):
                     if score >= check.threshold:
                         item.reject(self.name, f"{name}: p={score:.3f} >= {check.threshold}")

@@ -16,7 +16,7 @@ from pydantic import Field
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import inference_mode, load_model, load_processor
+from engine.models import inference_mode, load_model, load_processor, model_inputs
 from schemas.tiers import strip_tier
 from stages.base import Stage
 
@@ -83,7 +83,8 @@ class ImageTextScorer:
         inputs = self.processor(
             text=texts, images=images, padding=padding, truncation=True, return_tensors="pt"
         )
-        logits = self.model(**inputs.to(self.device)).logits_per_image.float().diagonal()
+        outputs = self.model(**model_inputs(inputs, self.model, self.device))
+        logits = outputs.logits_per_image.float().diagonal()
         if self.sigmoid:
             return logits.sigmoid().tolist()
         return (logits / self.model.logit_scale.exp().float()).tolist()
@@ -110,6 +111,7 @@ class Filter(Stage):
             scores = self.scorer(
                 [crop for *_, crop in chunk], [region["referring"] for _, region, _ in chunk]
             )
+            self.log_scores("image-text score (strips referring below)", scores, self.cfg.score_threshold)
             for (item, region, _), score in zip(chunk, scores, strict=True):
                 region.setdefault("scores", {})["image_text"] = round(score, 4)
                 if score < self.cfg.score_threshold:

@@ -21,7 +21,7 @@ from pydantic import Field
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import inference_mode, load_model, load_processor, pick_device
+from engine.models import inference_mode, load_model, load_processor, model_inputs, pick_device
 from stages.base import Stage
 
 if TYPE_CHECKING:  # torch is imported where it runs (in the stage's actor), not by the job's driver
@@ -66,11 +66,13 @@ def select_boxes(
     width: int,
     height: int,
     cfg: GroundingConfig,
+    seen: dict[str, list[float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Regions from one image's detector output.
 
     probs: (queries, text_len) token probabilities; boxes_cxcywh: (queries, 4) normalised to the image.
     Returns regions sorted by score, with absolute clipped xyxy boxes, after per-phrase NMS and caps.
+    `seen` (optional) receives every query's box and text score before the thresholds (the preflight).
     """
     import torch
     from torchvision.ops import batched_nms, box_convert
@@ -82,6 +84,9 @@ def select_boxes(
     mean_scores = torch.stack([probs[:, phrase_tokens[i]].mean(dim=1) for i in usable], dim=1)
     score, best = max_scores.max(dim=1)
     mean_of_best = mean_scores.gather(1, best[:, None]).squeeze(1)
+    if seen is not None:
+        seen.setdefault("box", []).extend(score.float().tolist())
+        seen.setdefault("text", []).extend(mean_of_best.float().tolist())
     keep = (score >= cfg.box_threshold) & (mean_of_best >= cfg.text_threshold)
     if not keep.any():
         return []
@@ -127,7 +132,7 @@ class HFGroundingDino:
         self, images: list[Image.Image], prompts: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
         inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
-        outputs = self.model(**inputs.to(self.device))
+        outputs = self.model(**model_inputs(inputs, self.model, self.device))
         probs = outputs.logits.sigmoid().float().cpu()
         return probs, outputs.pred_boxes.float().cpu(), [self.offsets(p) for p in prompts]
 
@@ -169,10 +174,11 @@ class Grounding(Stage):
         images = [load_rgb(item.image, self.cfg.max_image_side) for item in items]
         prompts, spans = zip(*(self._fit_prompt(item) for item in items), strict=True)
         probs, boxes, offsets = self.detector(images, list(prompts))
+        seen: dict[str, list[float]] | None = {} if self.score_log is not None else None
         for i, item in enumerate(items):
             tokens = phrase_token_indices(offsets[i], spans[i])
             regions = select_boxes(
-                probs[i], boxes[i], tokens, item.record["width"], item.record["height"], self.cfg
+                probs[i], boxes[i], tokens, item.record["width"], item.record["height"], self.cfg, seen
             )
             for region_id, region in enumerate(regions):
                 region["id"] = region_id
@@ -180,3 +186,6 @@ class Grounding(Stage):
             item.record["regions"] = regions
             if not regions:
                 item.reject(self.name, "no box above the grounding thresholds")
+        if seen is not None:
+            self.log_scores("box score (per query)", seen.get("box", []), self.cfg.box_threshold)
+            self.log_scores("text score (per query)", seen.get("text", []), self.cfg.text_threshold)

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import inference_mode, load_model, load_processor
+from engine.models import inference_mode, load_model, load_processor, model_inputs
 from stages.base import Stage
 from stages.grounding import make_detector
 
@@ -86,7 +86,7 @@ class Owlv2Objectness:
         from torchvision.ops import box_convert
 
         inputs = self.processor(text=[[self.query]] * len(images), images=images, return_tensors="pt")
-        outputs = self.model(**inputs.to(self.device))
+        outputs = self.model(**model_inputs(inputs, self.model, self.device))
         scores = outputs.objectness_logits.sigmoid().float().cpu()
         boxes = box_convert(outputs.pred_boxes.float().cpu(), "cxcywh", "xyxy")
         # OWLv2 pads each image to a square at the bottom/right: boxes are relative to the padded side
@@ -140,12 +140,15 @@ class Proposals(Stage):
                 from stages.backends.upn import merge_granularities
 
                 scale = torch.tensor([width / image.width, height / image.height] * 2)
+                for g, (s, _) in output.items():
+                    self.log_scores(f"{g} score (per query)", s.float().tolist(), self.cfg.score_threshold)
                 per = {
                     g: select_proposals(s, b * scale, width, height, self.cfg) for g, (s, b) in output.items()
                 }
                 item.record["proposals"] = merge_granularities(per, self.cfg.max_proposals)
                 continue
             scores, boxes = output
+            self.log_scores("objectness score (per query)", scores.float().tolist(), self.cfg.score_threshold)
             boxes = boxes * torch.tensor(
                 [width / image.width, height / image.height] * 2
             )  # back to full size

@@ -120,6 +120,7 @@ class Refine(Stage):
                 for _, region, phrase in chunk
             ]
             scores = self.llm.yes_probability(prompts, self.yes_ids, self.no_ids)
+            self.log_scores("verify p_yes (strips description below)", scores, self.cfg.verify_threshold)
             for (item, region, _), score in zip(chunk, scores, strict=True):
                 region.setdefault("scores", {})["verify"] = round(score, 4)
                 if score < self.cfg.verify_threshold:

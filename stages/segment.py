@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from engine.config import ModelRef, Resources, Strict
 from engine.images import load_rgb
 from engine.items import Item
-from engine.models import inference_mode, load_model, load_processor, pick_device
+from engine.models import inference_mode, load_model, load_processor, model_inputs, pick_device
 from stages.base import Stage
 
 
@@ -61,10 +61,10 @@ class HFSam2:
     """transformers Sam2Model: several images per call, each with its own boxes (padded to a common count)."""
 
     def __init__(self, cfg: SegmentConfig) -> None:
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoModelForMaskGeneration, AutoProcessor
 
         self.processor = load_processor(AutoProcessor, cfg.model)
-        self.model, self.device = load_model(AutoModel, cfg.model)
+        self.model, self.device = load_model(AutoModelForMaskGeneration, cfg.model)
 
     @inference_mode
     def __call__(
@@ -74,7 +74,9 @@ class HFSam2:
 
         most = max(len(b) for b in boxes)
         padded = [b + [b[0]] * (most - len(b)) for b in boxes]  # dummy prompts, discarded below
-        inputs = self.processor(images=images, input_boxes=padded, return_tensors="pt").to(self.device)
+        inputs = model_inputs(
+            self.processor(images=images, input_boxes=padded, return_tensors="pt"), self.model, self.device
+        )
         outputs = self.model(
             pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False
         )

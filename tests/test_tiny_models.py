@@ -265,7 +265,10 @@ def test_contrastive_scorers(cache: Path, name: str) -> None:
     inputs = processor(text=texts, images=images, padding="max_length", truncation=True, return_tensors="pt")
     assert inputs["input_ids"].shape == (3, processor.tokenizer.model_max_length)
     eos = processor.tokenizer.eos_token_id
-    assert eos == len(processor.tokenizer) - 1  # CLIP/OWL pool at the argmax id
+    if name == "clip":
+        assert eos == len(processor.tokenizer) - 1  # CLIP/OWL pool at the argmax id
+    else:
+        assert (inputs["input_ids"][:, -1] == eos).all()  # SigLIP pools at the last position: pad = EOS
     assert model.config.text_config.eos_token_id == eos
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
@@ -301,11 +304,11 @@ def test_owlv2_objectness(cache: Path) -> None:
 
 
 def test_sam2_box_prompts(cache: Path) -> None:
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModelForMaskGeneration, AutoProcessor
 
     folder = _folder(cache, "sam2")
     processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
+    model = AutoModelForMaskGeneration.from_pretrained(folder).eval()  # sam2_video -> Sam2Model
     images = _images((256, 256), (120, 300))
     boxes = [[[10, 10, 100, 100], [50, 60, 200, 220]], [[5, 5, 60, 40], [100, 20, 290, 110]]]
     inputs = processor(images=images, input_boxes=boxes, return_tensors="pt")
