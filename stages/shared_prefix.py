@@ -41,9 +41,10 @@ from engine.config import GenerationConfig
 
 @dataclass
 class Prefix:
-    """A prefilled prompt start: its cache (batch 1), its token ids and the position of the next token."""
+    """A prefilled prompt start: its keys and values per layer ([1, kv_heads, length, head_dim]), its
+    token ids and the rotary position of the token after it."""
 
-    cache: DynamicCache
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
     ids: list[int]
     next_position: int
 
@@ -66,32 +67,51 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, longest] ids left-padded with `pad_id`, and the mask of the real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def prefill(
     model: Any,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
-    next_position: int,
+    next_positions: list[int],
     **inputs: Any,
-) -> Prefix:
-    """Run the prefix once (batch 1) and keep its cache; `inputs` carries pixel values and the like."""
+) -> list[Prefix]:
+    """Run a batch of left-padded prefixes in one forward (`inputs`: pixel values and the like) and keep
+    each row's keys and values without its padding."""
     cache = DynamicCache(config=model.config)
     model(
         input_ids=input_ids,
+        attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
         logits_to_keep=1,
         **{cache_kwarg(model): cache},
         **inputs,
     )
-    return Prefix(cache=cache, ids=input_ids[0].tolist(), next_position=next_position)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    prefixes = []
+    for row, next_position in enumerate(next_positions):
+        start = int((mask[row] == 0).sum())  # left padding
+        layers = [
+            (layer.keys[row : row + 1, :, start:], layer.values[row : row + 1, :, start:])
+            for layer in cache.layers
+        ]
+        prefixes.append(Prefix(layers, input_ids[row, start:].tolist(), next_position))
+    return prefixes
 
 
 def text_prefix(model: Any, ids: list[int], device: torch.device, rope_axes: int) -> Prefix:
     """A text-only prefix: positions 0..n-1 (on every mrope axis), the next one is n."""
     input_ids = torch.tensor([ids], device=device)
-    return prefill(
-        model, input_ids, positions(torch.arange(len(ids), device=device)[None], rope_axes), len(ids)
-    )
+    pos = positions(torch.arange(len(ids), device=device)[None], rope_axes)
+    return prefill(model, input_ids, None, pos, [len(ids)])[0]
 
 
 def positions(rows: torch.Tensor, rope_axes: int) -> torch.Tensor:
@@ -106,14 +126,13 @@ def stack(prefixes: list[Prefix], rows: list[int]) -> tuple[DynamicCache, torch.
     were computed with, so padding changes no attention score.
     """
     longest = max(p.length for p in prefixes)
-    first = prefixes[0].cache
-    device = first.layers[0].keys.device
+    device = prefixes[0].layers[0][0].device
     index = torch.tensor(rows, device=device)
     stacked = DynamicCache()
-    for layer in range(len(first.layers)):
+    for layer in range(len(prefixes[0].layers)):
         keys, values = [], []
         for prefix in prefixes:
-            k, v = prefix.cache.layers[layer].keys, prefix.cache.layers[layer].values
+            k, v = prefix.layers[layer]
             pad = longest - k.shape[-2]
             keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
             values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))

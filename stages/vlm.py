@@ -65,8 +65,9 @@ class ChatVLM:
     @torch.inference_mode()
     def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         """One greedy answer per (image, prompt) pair, each a full prompt (nothing shared between rows)."""
-        if not images:
-            return []
+        return self._generate_full(images, prompts) if images else []
+
+    def _generate_full(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         inputs = self._inputs([self._chat_text(prompt) for prompt in prompts], images, padding=True)
         self.counts["images_encoded"] += len(images)
         self.counts["prefill_tokens"] += int(inputs["attention_mask"].sum())
@@ -104,33 +105,40 @@ class ChatVLM:
             )
         return inputs, ids
 
-    def _image_prefix(self, inputs: dict[str, torch.Tensor], length: int) -> Prefix:
-        """Prefill the first `length` tokens (the image and the constant text) with the image encoded once."""
-        input_ids = inputs["input_ids"][:, :length]
+    def _image_prefixes(self, prepared: list[tuple[dict[str, torch.Tensor], int]]) -> list[Prefix]:
+        """Prefill the first `length` tokens (the image and the constant text) of each image's prompts,
+        all images in one left-padded batch, each image encoded once."""
+        rows = [inputs["input_ids"][0, :length].tolist() for inputs, length in prepared]
+        input_ids, mask = shared_prefix.left_pad(rows, self.pad_id, self.device)
         extra = {
-            k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")
+            key: torch.cat([inputs[key] for inputs, _ in prepared])
+            for key in prepared[0][0]
+            if key not in ("input_ids", "attention_mask", "mm_token_type_ids")
         }
-        if "mm_token_type_ids" in inputs:
-            extra["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :length]
+        if "mm_token_type_ids" in prepared[0][0]:
+            types = [inputs["mm_token_type_ids"][0, :length].tolist() for inputs, length in prepared]
+            extra["mm_token_type_ids"] = shared_prefix.left_pad(types, 0, self.device)[0]
         if self._rope_index is None:
-            pos = torch.arange(length, device=self.device)[None]
-            return shared_prefix.prefill(self.model, input_ids, pos, length, **extra)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            return shared_prefix.prefill(self.model, input_ids, mask, pos, [len(r) for r in rows], **extra)
         accepted = inspect.signature(self._rope_index).parameters
         rope_inputs = {k: v for k, v in extra.items() if k in accepted}
-        pos, _ = self._rope_index(input_ids, **rope_inputs)
-        # the first text token after the prefix: one past the largest position (an image spans
+        pos, _ = self._rope_index(input_ids, attention_mask=mask, **rope_inputs)
+        # the first text token after a prefix: one past its largest position (an image spans
         # max(grid_h, grid_w) / merge positions, fewer than its tokens)
-        return shared_prefix.prefill(self.model, input_ids, pos, int(pos.max()) + 1, **extra)
+        nexts = [int(pos[:, row].max()) + 1 for row in range(len(rows))]
+        return shared_prefix.prefill(self.model, input_ids, mask, pos, nexts, **extra)
 
     @torch.inference_mode()
     def generate_shared(
         self, groups: list[tuple[Image.Image, list[str]]], rows_per_call: int
     ) -> list[list[str]]:
         """Greedy answers to several prompts per image; each image is encoded once and the prompts' common
-        start (image and constant instruction) prefilled once; rows of several images decode as one batch
-        of up to `rows_per_call`. The answers are those of `generate` on each full prompt alone."""
+        start (image and constant instruction) prefilled once, up to `rows_per_call` images per forward;
+        rows of several images decode as one batch of up to `rows_per_call`. The answers are those of
+        `generate` on each full prompt alone."""
         answers: list[list[str]] = [[""] * len(prompts) for _, prompts in groups]
-        pending: list[tuple[Prefix, list[int], tuple[int, int]]] = []
+        prepared: list[tuple[int, dict[str, torch.Tensor], list[list[int]], int]] = []
         for g, (image, prompts) in enumerate(groups):
             if not prompts:
                 continue
@@ -138,15 +146,20 @@ class ChatVLM:
             length = shared_prefix.common_prefix_length(ids)
             if self.model.config.image_token_id in ids[0][length:]:
                 # the prompts differ before the image ends: nothing to share, run them as full prompts
-                answers[g] = self.generate([image] * len(prompts), prompts)
+                answers[g] = self._generate_full([image] * len(prompts), prompts)
                 continue
-            prefix = self._image_prefix(inputs, length)
-            self.counts["images_encoded"] += 1
-            self.counts["prefill_tokens"] += length + sum(len(i) - length for i in ids)
-            pending += [(prefix, i[length:], (g, j)) for j, i in enumerate(ids)]
-            while len(pending) >= rows_per_call:
-                self._decode(pending[:rows_per_call], answers)
-                pending = pending[rows_per_call:]
+            prepared.append((g, inputs, ids, length))
+        pending: list[tuple[Prefix, list[int], tuple[int, int]]] = []
+        for start in range(0, len(prepared), rows_per_call):
+            chunk = prepared[start : start + rows_per_call]
+            prefixes = self._image_prefixes([(inputs, length) for _, inputs, _, length in chunk])
+            for (g, _, ids, length), prefix in zip(chunk, prefixes, strict=True):
+                self.counts["images_encoded"] += 1
+                self.counts["prefill_tokens"] += length + sum(len(i) - length for i in ids)
+                pending += [(prefix, i[length:], (g, j)) for j, i in enumerate(ids)]
+                while len(pending) >= rows_per_call:
+                    self._decode(pending[:rows_per_call], answers)
+                    pending = pending[rows_per_call:]
         if pending:
             self._decode(pending, answers)
         return answers

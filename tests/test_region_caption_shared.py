@@ -79,7 +79,8 @@ def test_shared_prefix_gives_the_tokens_of_each_full_prompt_alone(stage):
     for item in items:
         image = load_rgb(item.image, stage.cfg.max_image_side)
         groups.append((image, stage.prompts(item, image)))
-    for rows_per_call in (3, 16):  # decode batches that split images and that span several
+    assert len({stage.vlm.input_size(image) for image, _ in groups}) > 1  # prefixes of unequal lengths
+    for rows_per_call in (3, 16):  # batches that split an image's regions and that span several images
         assert stage.vlm.generate_shared(groups, rows_per_call) == reference
     counts = stage.vlm.counts - before
     assert counts["images_encoded"] == 2 * len(items)  # once per image per call
@@ -106,8 +107,9 @@ def test_wrong_positions_after_the_cached_image_change_the_answers(stage, monkey
     reference = alone(stage, items)
     real_prefill = shared_prefix.prefill
 
-    def cache_length_positions(model, input_ids, position_ids, next_position, **inputs):
-        return real_prefill(model, input_ids, position_ids, input_ids.shape[1], **inputs)
+    def cache_length_positions(model, input_ids, attention_mask, position_ids, next_positions, **inputs):
+        lengths = attention_mask.sum(-1).tolist()  # each image token counted as one position
+        return real_prefill(model, input_ids, attention_mask, position_ids, lengths, **inputs)
 
     monkeypatch.setattr(shared_prefix, "prefill", cache_length_positions)
     from engine.images import load_rgb
