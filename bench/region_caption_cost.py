@@ -9,12 +9,14 @@ prefix per image (`shared_prefix: true`, the default).
 2. Measured here: the region-caption stage both ways on the same fixture images and regions, with a random
    Qwen2-VL built below in the real run's proportions: >= 256 image tokens per image, the real config's
    prompts and answer length (max_new_tokens 48), and a width at which encoding + prefill take over half of
-   the unshared run's time, as they do for Qwen2-VL-7B on a GPU (~25 ms vision + ~70 ms prefill against
-   ~45 ms of decoding per region at batch 16). For 1, 5 and 16 regions per image it prints
+   the unshared run's time, as for Qwen2-VL-7B on a GPU (issue #18's estimate: ~25 ms vision + ~70 ms
+   prefill against ~45 ms of decoding per region at batch 16). For 1, 5 and 16 regions per image it prints
    `regions_per_image=N prefill_share=.. vision_passes_ratio=.. prefill_tokens_ratio=.. wall_ratio=..
    identical=1|0`, 5 last. prefill_share: vision + prefill forwards over the unshared run's wall time;
    vision_passes: images through the vision tower; prefill_tokens: prompt tokens run (no padding);
-   wall: the stage's wall time (best of `--repeats` alternating runs); identical: every raw answer equal.
+   wall: the stage's wall time (best of `--repeats` alternating runs, 2 more at 1 region); identical:
+   every raw answer of every run equal. Detail lines add `alone_same_loop`: every region's full prompt
+   through the shared path's own decoding loop, so `shared_over_same_loop` is what sharing alone saves.
 """
 
 from __future__ import annotations
@@ -463,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = {}
         for regions in (1, 16, 5):
             n = args.images // 2 if regions == 16 else args.images
-            line, best = compare(stage, meter, bench_items(n, regions), batch, args.repeats)
+            repeats = args.repeats + 2 if regions == 1 else args.repeats  # cheap, and the closest call
+            line, best = compare(stage, meter, bench_items(n, regions), batch, repeats)
             u, s, loop = best["unshared"], best["shared"], best["same_loop"]
             print(
                 f"detail regions_per_image={regions} images={n} "
