@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-depth", type=int, default=4)
     parser.add_argument("--min-image-tokens", type=int, default=256)
     parser.add_argument("--images", type=int, default=4, help="images per setting (half at 16 regions)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
