@@ -35,6 +35,13 @@ def count_calls(counter: Counter) -> None:
         setattr(cls, method, counted)
 
     wrap(ChatVLM, "generate", "vlm", 1)
+    original_shared = ChatVLM.generate_shared
+
+    def shared(self, groups, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counter["vlm"] += sum(len(prompts) for _, prompts in groups)  # one prompt per region
+        return original_shared(self, groups, *args, **kwargs)
+
+    ChatVLM.generate_shared = shared
     wrap(ChatLM, "generate", "llm_generate", 0)
     wrap(ChatLM, "yes_probability", "llm_yes_no", 0)
 

@@ -3,19 +3,33 @@
 Yes/no questions are decided from the next-token distribution (design §4): P(yes) / (P(yes) + P(no)) over
 the first token of each answer word is a score that can be thresholded and recorded, and it exists even
 for a model that would not answer in the expected words.
+
+Every prompt starts with the same tokens (the chat template's system turn with the system prompt, and the
+opening of the user turn): they are prefilled once per actor and each call runs only its own tokens on a
+copy of that cache (`stages/shared_prefix.py`), with the answers of the full prompts.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.config import GenerationConfig, ModelRef
 from engine.models import load_model, load_processor
+from stages import shared_prefix
+from stages.shared_prefix import Prefix
 
 
 class ChatLM:
-    def __init__(self, ref: ModelRef, generation: GenerationConfig, system_prompt: str = "") -> None:
+    def __init__(
+        self,
+        ref: ModelRef,
+        generation: GenerationConfig,
+        system_prompt: str = "",
+        shared_prefix: bool = True,
+    ) -> None:
         self.tokenizer = load_processor(AutoTokenizer, ref)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -23,12 +37,28 @@ class ChatLM:
         self.model, self.device = load_model(AutoModelForCausalLM, ref)
         self.generation = generation
         self.system_prompt = system_prompt
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        # the token start every prompt shares (empty: nothing to share, or sharing off)
+        self.prefix_ids = self._common_start() if shared_prefix else []
+        self._prefix: Prefix | None = None
+        # prompt tokens run through the model (the shared start counted once), prefills of the shared start
+        self.counts: Counter[str] = Counter()
 
     def chat_text(self, prompt: str) -> str:
         messages = [{"role": "user", "content": prompt}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(self.chat_text(prompt), add_special_tokens=False).input_ids
+
+    def _common_start(self) -> list[int]:
+        """The tokens before the user's text: common to two prompts that differ from their first letter."""
+        probes = [self._ids(text) for text in ("A", "Z")]
+        return probes[0][: shared_prefix.common_prefix_length(probes)]
 
     def first_token_ids(self, words: list[str]) -> list[int]:
         """Ids of the first token of each word, bare and space-prefixed (tokenizers differ), deduplicated.
@@ -55,9 +85,25 @@ class ChatLM:
             )
         return yes_ids, no_ids
 
+    def _suffixes(self, prompts: list[str]) -> list[list[int]] | None:
+        """Each prompt's tokens after the shared start, or None when some prompt does not begin with it."""
+        n = len(self.prefix_ids)
+        if not n:
+            return None
+        ids = [self._ids(p) for p in prompts]
+        if any(i[:n] != self.prefix_ids or len(i) == n for i in ids):
+            return None
+        if self._prefix is None:
+            self._prefix = shared_prefix.text_prefix(self.model, self.prefix_ids, self.device, rope_axes=1)
+            self.counts["prefix_prefills"] += 1
+            self.counts["prefill_tokens"] += n
+        self.counts["prefill_tokens"] += sum(len(i) - n for i in ids)
+        return [i[n:] for i in ids]
+
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         texts = [self.chat_text(p) for p in prompts]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        self.counts["prefill_tokens"] += int(encoded["attention_mask"].sum())
         return encoded.to(self.device)
 
     @torch.inference_mode()
@@ -65,7 +111,14 @@ class ChatLM:
         """P(yes) / (P(yes) + P(no)) of the next token after each prompt."""
         if not prompts:
             return []
-        logits = self.model(**self._encode(prompts)).logits[:, -1, :].float()
+        suffixes = self._suffixes(prompts)
+        if suffixes is not None:
+            rows = [0] * len(prompts)
+            logits = shared_prefix.next_token_logits(
+                self.model, [self._prefix], rows, suffixes, self.tokenizer.pad_token_id, rope_axes=1
+            )
+        else:
+            logits = self.model(**self._encode(prompts)).logits[:, -1, :].float()
         probs = logits.softmax(dim=-1)
         p_yes, p_no = probs[:, yes_ids].sum(dim=-1), probs[:, no_ids].sum(dim=-1)
         return (p_yes / (p_yes + p_no).clamp_min(1e-12)).tolist()
@@ -74,6 +127,19 @@ class ChatLM:
     def generate(self, prompts: list[str]) -> list[str]:
         if not prompts:
             return []
+        suffixes = self._suffixes(prompts)
+        if suffixes is not None:
+            tokens = shared_prefix.greedy(
+                self.model,
+                [self._prefix],
+                [0] * len(prompts),
+                suffixes,
+                self.generation,
+                self.eos_ids,
+                self.tokenizer.pad_token_id,
+                rope_axes=1,
+            )
+            return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         inputs = self._encode(prompts)
         output = self.model.generate(
             **inputs,
@@ -82,6 +148,7 @@ class ChatLM:
             min_new_tokens=self.generation.min_new_tokens,
             repetition_penalty=self.generation.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids,
         )
         return self.tokenizer.batch_decode(
             output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True

@@ -74,6 +74,8 @@ class RefineConfig(Strict):
     referring_max_words: int = Field(10, ge=1)
     referring_retries: int = Field(1, ge=0, le=3)
     regions_per_call: int = Field(16, ge=1)
+    # the system prompt (the start every prompt shares) prefilled once per actor, reused by every call
+    shared_prefix: bool = True
     resources: Resources = Resources()
 
     @model_validator(mode="after")
@@ -93,7 +95,7 @@ class Refine(Stage):
         super().__init__(cfg)
         from stages.llm import ChatLM
 
-        self.llm = ChatLM(cfg.model, cfg.generation, cfg.system_prompt)
+        self.llm = ChatLM(cfg.model, cfg.generation, cfg.system_prompt, shared_prefix=cfg.shared_prefix)
         self.yes_ids, self.no_ids = self.llm.answer_token_ids(cfg.yes_words, cfg.no_words)
 
     def _chunks(self, entries: list[Any]) -> list[list[Any]]:
