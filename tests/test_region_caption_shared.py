@@ -71,7 +71,9 @@ def test_shared_prefix_gives_the_tokens_of_each_full_prompt_alone(stage):
     items = fixture_items()
     assert sum(len(i.record["regions"]) for i in items) >= 2 * len(items)  # something to share
     reference = alone(stage, items)
-    assert len({a for answers in reference for a in answers}) > len(items)  # answers differ by region
+    # answers differ by region within an image and across images (the tiny random VLM repeats itself a lot)
+    assert any(len(set(answers)) > 1 for answers in reference)
+    assert len({a for answers in reference for a in answers}) >= 3
     before = stage.vlm.counts.copy()
     groups = []
     from engine.images import load_rgb
@@ -102,20 +104,32 @@ def _unshared_view(stage: RegionCaption) -> RegionCaption:
 
 def test_wrong_positions_after_the_cached_image_change_the_answers(stage, monkeypatch):
     """The identity test can fail: continuing the text at the cache length (as if each image token were
-    one position) instead of mrope's next position changes the greedy tokens."""
+    one position) instead of mrope's next position changes the next-token logits (the tiny random VLM's
+    greedy words are often the same either way, so the logits are compared, not only the words)."""
     items = fixture_items(3)
-    reference = alone(stage, items)
-    real_prefill = shared_prefix.prefill
+    from engine.images import load_rgb
+
+    groups = [(img, stage.prompts(it, img)) for it in items for img in [load_rgb(it.image, 256)]]
+    real_forward, real_prefill = shared_prefix._forward, shared_prefix.prefill
+    first_logits: list[torch.Tensor] = []
+
+    def recording_forward(*args, **kwargs):
+        logits = real_forward(*args, **kwargs)
+        first_logits.append(logits.clone())
+        return logits
+
+    monkeypatch.setattr(shared_prefix, "_forward", recording_forward)
+    right = stage.vlm.generate_shared(groups, 16)
+    right_logits, first_logits[:] = first_logits[0], []
 
     def cache_length_positions(model, input_ids, attention_mask, position_ids, next_positions, **inputs):
         lengths = attention_mask.sum(-1).tolist()  # each image token counted as one position
         return real_prefill(model, input_ids, attention_mask, position_ids, lengths, **inputs)
 
     monkeypatch.setattr(shared_prefix, "prefill", cache_length_positions)
-    from engine.images import load_rgb
-
-    groups = [(img, stage.prompts(it, img)) for it in items for img in [load_rgb(it.image, 256)]]
-    assert stage.vlm.generate_shared(groups, 16) != reference
+    stage.vlm.generate_shared(groups, 16)
+    assert right == alone(stage, items)
+    assert not torch.allclose(first_logits[0], right_logits, atol=1e-4), "positions made no difference"
 
 
 def test_default_box_format_follows_the_model_family(stage):
