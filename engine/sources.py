@@ -469,16 +469,19 @@ def list_coco(location: str, dataset: str) -> Iterator[SourceItem]:
         )
 
 
-def _list_one(location: str, dataset: str) -> Iterator[SourceItem]:
+def describe_location(location: str) -> tuple[bool, str]:
+    """(is it a folder or prefix, its last name) of one --input location; InputError if it is missing."""
     if is_remote(location):
         fs, fs_path = _filesystem(location)
-        is_dir = _info(fs, fs_path, location).type == pafs.FileType.Directory
-        name = PurePosixPath(fs_path).name
-    else:
-        path = Path(location)
-        if not path.exists():
-            raise InputError(f"--input {location!r} does not exist")
-        is_dir, name = path.is_dir(), path.name
+        return _info(fs, fs_path, location).type == pafs.FileType.Directory, PurePosixPath(fs_path).name
+    path = Path(location)
+    if not path.exists():
+        raise InputError(f"--input {location!r} does not exist")
+    return path.is_dir(), path.name
+
+
+def _list_one(location: str, dataset: str) -> Iterator[SourceItem]:
+    is_dir, name = describe_location(location)
     suffix = PurePosixPath(name).suffix
     if is_dir:
         yield from (

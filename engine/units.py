@@ -25,7 +25,6 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.input_text import MAX_TEXT_BYTES, TEXT_SUFFIXES, sample_text
@@ -42,6 +41,7 @@ from engine.sources import (
     _filesystem,
     _info,
     _stem,
+    describe_location,
     is_image_name,
     list_coco,
     list_folder,
@@ -118,15 +118,7 @@ def _pages(items: Iterator[SourceItem], root: str, dataset: str, page_files: int
 
 def _units_of(location: str, dataset: str, page_files: int) -> Iterator[SourceUnit]:
     """The units of one input location (a folder, prefix, tar, table, COCO json or single image)."""
-    if is_remote(location):
-        fs, fs_path = _filesystem(location)
-        is_dir = _info(fs, fs_path, location).type == pafs.FileType.Directory
-        name = PurePosixPath(fs_path).name
-    else:
-        path = Path(location)
-        if not path.exists():
-            raise InputError(f"--input {location!r} does not exist")
-        is_dir, name = path.is_dir(), path.name
+    is_dir, name = describe_location(location)
     suffix = PurePosixPath(name).suffix
     canonical = _canonical(location)
     if is_dir:
