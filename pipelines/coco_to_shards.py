@@ -20,6 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatrex.coco import iter_coco_records  # noqa: E402
+from engine.config import SinkConfig  # noqa: E402
 from engine.items import Item  # noqa: E402
 from engine.sink import PartWriter, merge_rejects  # noqa: E402
 from engine.storage import Folder  # noqa: E402
@@ -43,7 +44,7 @@ def convert(
     for record, data in iter_coco_records(coco, images, proposals, synthetic_distractors, seed, limit):
         writer.add(Item(record["key"], record["source"]["uri"], data, record))
     results = writer.close()
-    merge_rejects(out)
+    merge_rejects(out, SinkConfig().merge_rejects_max)
     records = sum(r["records"] for r in results)
     manifest = {
         "source": str(coco),
