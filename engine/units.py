@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from engine.input_text import MAX_TEXT_BYTES, TEXT_SUFFIXES, sample_text
 from engine.ledger import Ranges, contains
 from engine.sources import (
+    LISTING_SCHEMA,
     TABLE_SUFFIXES,
     TAR_SUFFIXES,
     InputError,
@@ -72,19 +73,13 @@ UNIT_SCHEMA = pa.schema(
     ]
 )
 
+# A listing row (the stages' input contract) plus the bytes and where the member stands in its source.
 ROW_SCHEMA = pa.schema(
     [
-        ("uri", pa.string()),
-        ("dataset", pa.string()),
-        ("path", pa.string()),
-        ("offset", pa.int64()),
-        ("size", pa.int64()),
-        ("problem", pa.string()),
-        ("siblings", pa.string()),
-        ("text", pa.string()),
-        ("data", pa.binary()),  # the bytes, read by the unit's worker (null when `problem` is set)
-        ("source", pa.string()),
-        ("ordinal", pa.int64()),
+        *LISTING_SCHEMA,
+        pa.field("data", pa.binary()),  # the bytes, read by the unit's worker (null when `problem` is set)
+        pa.field("source", pa.string()),
+        pa.field("ordinal", pa.int64()),
     ]
 )
 
