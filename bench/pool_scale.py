@@ -4,13 +4,14 @@ multiprocessing baseline, and a resume after the driver is SIGKILLed half-way.
     python bench/pool_scale.py --work /tmp/pool_scale            # 100k and 1M samples (the issue's sizes)
     python bench/pool_scale.py --work /tmp/ps --small 10000 --large 100000 --tars-per-10k 1
 
-It builds a synthetic webdataset of small JPEGs (each distinct, `--tars-per-10k` tars per 10,000 samples),
-runs the pool pass (configs/fixture.yaml with `run_stages=[decode, collect]`, classifiers off; a `--check`
-run of 10,000 samples with them on) at the small and the large size, and the baseline over the large one:
-a multiprocessing pool over the same cores that reads each tar sequentially, decodes and hashes every
-image, applies the same size rules and writes the kept bytes to tars: the I/O + decode limit of this pass
-with no engine around it. Driver memory is the engine process's peak RSS (polled); driver reads are its
-`rchar` (bytes read through system calls) above a run over one tar of 100 samples, over the input bytes.
+It builds a synthetic webdataset of small JPEGs (256 px, each distinct, `--tars-per-10k` tars per 10,000
+samples), runs the pool pass (configs/collect.yaml with what a 2-core machine without a GPU needs changed,
+classifiers off; a `--check` run of 10,000 samples with the tiny stand-in classifiers on) at the small and
+the large size, and the baseline over the large one: a multiprocessing pool over the same cores that reads
+each tar sequentially, decodes and hashes every image, applies the same size rules and writes the kept
+bytes to tars: the I/O + decode limit of this pass with no engine around it. Driver memory is the engine
+process's peak RSS (polled); driver reads are its `rchar` (bytes read through system calls) above a run
+over one tar of 100 samples, over the input bytes.
 Prints, last: driver_peak_mb_<small>, driver_peak_mb_<large>, driver_mem_ratio_10x, driver_read_frac,
 throughput_over_raw (engine img/s / baseline img/s at the large size).
 """
@@ -35,20 +36,28 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "rexverse2m.py"
-CONFIG = ROOT / "configs" / "fixture.yaml"
-SIDE = 64  # small JPEGs; decode's fixture min_side is below this
+CONFIG = ROOT / "configs" / "collect.yaml"  # the pool pass as users run it, with the real decode bounds
+# 256 px: about the smallest side the real pool config keeps (decode.min_side 224). Smaller images would be
+# rejected as too small; larger ones only make the decode, which the baseline does too, a bigger share.
+SIDE = 256
+# What a 2-core machine without a GPU needs changed; the rest is configs/collect.yaml as it stands.
 POOL_SETTINGS = [
-    "run_stages=[decode, collect]",
-    "sink.records=image",
-    "stages.decode.resources.concurrency=2",
-    "stages.decode.resources.batch_size=64",
-    "stages.collect.resources.batch_size=64",
-    "ray.read_block_rows=256",
-    "sink.shard_size=5000",
-    "sink.max_pending_rejects=5000",
+    "stages.collect.resources.num_gpus=0",  # no GPU here (the classifiers' config asks for a quarter each)
+    "stages.decode.resources.concurrency=2",  # one decode actor per core
+    "stages.decode.resources.num_cpus=0.5",  # leave room for the read and write tasks
+    "stages.collect.resources.num_cpus=0.5",  # (a fused group asks for its members' largest need)
+    "ray.fuse=[[decode, collect]]",  # with the classifiers off, collect is only a threshold
+    "ray.dedupe_partitions=4",  # 16 key-table processes on 2 cores would cost more than they spread
     "ray.show_progress=false",
 ]
 CLASSIFIERS_OFF = ["stages.collect.nsfw.model=null", "stages.collect.low_content.model=null"]
+# The run with classifiers on: the tiny random stand-ins (no hub here) with the fixture's thresholds
+CLASSIFIERS_TINY = [
+    "stages.collect.nsfw.model.name=tiny:nsfw",
+    "stages.collect.nsfw.threshold=0.531",
+    "stages.collect.low_content.model={name: 'tiny:low-content'}",
+    "stages.collect.low_content.threshold=0.533",
+]
 
 
 def size_name(n: int) -> str:
@@ -96,8 +105,8 @@ def build_dataset(folder: Path, samples: int, per_tar: int, processes: int) -> i
 # --- the baseline ------------------------------------------------------------------------------------------
 
 
-def _baseline_tar(args: tuple[Path, Path]) -> tuple[int, int]:
-    source, out = args
+def _baseline_tar(args: tuple[Path, Path, dict]) -> tuple[int, int]:
+    source, out, rules = args
     seen = kept = 0
     with tarfile.open(source, "r|") as tar, tarfile.open(out, "w") as writer:
         for member in tar:
@@ -110,9 +119,9 @@ def _baseline_tar(args: tuple[Path, Path]) -> tuple[int, int]:
                 image.load()
                 width, height = image.size
             if (
-                min(width, height) < 32
-                or width * height > 20_000_000
-                or max(width, height) / min(width, height) > 20
+                min(width, height) < rules["min_side"]
+                or width * height > rules["max_pixels"]
+                or max(width, height) / min(width, height) > rules["max_aspect"]
             ):
                 continue
             info = tarfile.TarInfo(f"{key}.jpg")
@@ -122,11 +131,21 @@ def _baseline_tar(args: tuple[Path, Path]) -> tuple[int, int]:
     return seen, kept
 
 
+def decode_rules() -> dict:
+    """The pool config's decode size bounds (the engine applies the same)."""
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    from rexverse2m import load_job_config
+
+    decode = load_job_config(CONFIG).stages.decode
+    return {"min_side": decode.min_side, "max_pixels": decode.max_pixels, "max_aspect": decode.max_aspect}
+
+
 def run_baseline(tars: list[Path], out: Path, processes: int) -> float:
     out.mkdir(parents=True, exist_ok=True)
+    rules = decode_rules()
     start = time.time()
     with mp.Pool(processes) as pool:
-        counts = pool.map(_baseline_tar, [(t, out / t.name) for t in tars])
+        counts = pool.map(_baseline_tar, [(t, out / t.name, rules) for t in tars])
     wall = time.time() - start
     return sum(seen for seen, _ in counts) / wall
 
@@ -271,7 +290,7 @@ def main() -> None:
         for tar in check_tars:
             if not (check_dir / tar.name).exists():
                 (check_dir / tar.name).symlink_to(tar)
-        checked = run_engine(f"{check_dir}/*.tar", out, POOL_SETTINGS)
+        checked = run_engine(f"{check_dir}/*.tar", out, POOL_SETTINGS + CLASSIFIERS_TINY)
         records, rejects = check_output(out, len(check_tars) * per_tar)
         print(
             f"engine with classifiers: {len(check_tars) * per_tar} samples, {records} records, "

@@ -38,6 +38,31 @@ class DecodedImage:
     width: int
     height: int
     reencoded: bool
+    pixel_std: float  # `pixel_std` of the stored pixels (collect's near-constant check reads it)
+
+
+STATS_SIDE = 64  # pixel statistics are taken on a copy box-reduced to about this side
+
+
+def pixel_std(image: Image.Image, side: int = STATS_SIDE) -> float:
+    """Largest per-channel standard deviation (levels 0-255) of the image box-reduced to about `side`
+    pixels: near 0 for a constant image, whatever its JPEG noise.
+
+    Per channel, not of grey levels: a yellow shape on a grey background can have the same luminance.
+    From PIL's per-band histograms (C) and one small matrix product: numpy over the pixels would cost
+    more than the decode on small images.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    factor = max(1, max(rgb.size) // side)
+    counts = np.asarray((rgb.reduce(factor) if factor > 1 else rgb).histogram(), dtype=np.float64)
+    counts = counts.reshape(3, 256)
+    n = counts.sum(axis=1)
+    mean = counts @ _LEVELS / n
+    variance = counts @ (_LEVELS**2) / n - mean**2
+    return float(np.sqrt(np.maximum(variance, 0.0)).max())
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -91,7 +116,8 @@ def open_image(data: bytes, limits: DecodeLimits) -> OpenedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # bounded above
             image.load()
-            upright = ImageOps.exif_transpose(image)
+            # exif_transpose copies every image it does not turn: only call it for the ones it turns
+            upright = ImageOps.exif_transpose(image) if orientation not in (0, 1) else image
     except Exception as exc:
         raise ImageRejected(f"corrupt image: {type(exc).__name__}: {exc}") from None
     return OpenedImage(upright, fmt, orientation)
@@ -111,7 +137,8 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
         raise ImageRejected(f"extreme aspect ratio: {width}x{height} > decode.max_aspect={limits.max_aspect}")
     upright_rgb = source.mode == "RGB" and opened.orientation in (0, 1)
     if upright_rgb and (fmt == "JPEG" or (fmt == "PNG" and limits.keep_lossless)):
-        return DecodedImage(data, "jpg" if fmt == "JPEG" else "png", width, height, reencoded=False)
+        ext = "jpg" if fmt == "JPEG" else "png"
+        return DecodedImage(data, ext, width, height, reencoded=False, pixel_std=pixel_std(source))
     rgb = _to_rgb(source)
     buffer = io.BytesIO()
     if fmt in LOSSLESS_FORMATS and limits.keep_lossless:
@@ -120,7 +147,7 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
     else:
         rgb.save(buffer, format="JPEG", quality=limits.jpeg_quality)
         ext = "jpg"
-    return DecodedImage(buffer.getvalue(), ext, width, height, reencoded=True)
+    return DecodedImage(buffer.getvalue(), ext, width, height, reencoded=True, pixel_std=pixel_std(rgb))
 
 
 def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:

@@ -8,9 +8,9 @@ and the engine runs that list without importing any stage itself.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
+import pickle
 import sys
 import time
 import traceback
@@ -182,11 +182,19 @@ class StageHealth:
 
 
 def _snapshot(item: Item) -> tuple:
-    return copy.deepcopy(item.record), item.image, item.error_stage, item.error_reason
+    """The item as it was, to restore if a batch fails. The record is pickled (plain JSON-like data):
+    several times cheaper than `copy.deepcopy`, and unpickled only when a batch actually fails."""
+    return (
+        pickle.dumps(item.record, protocol=pickle.HIGHEST_PROTOCOL),
+        item.image,
+        item.error_stage,
+        item.error_reason,
+    )
 
 
 def _restore(item: Item, snapshot: tuple) -> None:
-    item.record, item.image, item.error_stage, item.error_reason = snapshot
+    record, item.image, item.error_stage, item.error_reason = snapshot
+    item.record = pickle.loads(record)
 
 
 class StageGroup:

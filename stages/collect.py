@@ -3,18 +3,19 @@ an NSFW classifier, a low-content classifier (plain, empty or text-only images) 
 
 The classifiers are any transformers image classifier (`AutoModelForImageClassification`) named in config;
 an image's score is the summed softmax probability of the labels listed in `reject_labels`, rejected at or
-above `threshold`. Near-constant images are caught by a pixel statistic, which costs no model: the
-standard deviation of a small grey thumbnail. The minimum side stays in `decode`.
+above `threshold`. Near-constant images are caught by a pixel statistic, which costs no model and no
+second decode: `decode` measures the largest per-channel standard deviation of a small box-reduced copy
+while it has the pixels (`engine.images.pixel_std`), and this stage applies the threshold. The minimum
+side stays in `decode`.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image
 from pydantic import Field, model_validator
 
 from engine.config import ModelRef, Resources, Strict
-from engine.images import load_rgb
+from engine.images import load_rgb, pixel_std
 from engine.items import Item
 from engine.models import inference_mode, load_model, load_processor, model_inputs
 from stages.base import Stage
@@ -46,22 +47,10 @@ class CollectConfig(Strict):
     enabled: bool = False
     nsfw: NsfwCheck = NsfwCheck()
     low_content: LowContentCheck = LowContentCheck()
-    min_pixel_std: float = Field(2.0, ge=0)  # levels (0-255) on a `thumbnail_side` thumbnail; 0 = off
-    thumbnail_side: int = Field(64, ge=8)
+    min_pixel_std: float = Field(2.0, ge=0)  # levels (0-255), `engine.images.pixel_std`; 0 = off
     max_image_side: int = Field(512, ge=32)  # images are downscaled before the classifiers' processors
     images_per_call: int = Field(16, ge=1)
     resources: Resources = Resources()
-
-
-def pixel_std(image: Image.Image, side: int) -> float:
-    """Largest per-channel standard deviation of a `side`-pixel thumbnail (near 0 for a constant image).
-
-    Per channel, not of grey levels: a yellow shape on a grey background can have the same luminance.
-    """
-    thumb = image.convert("RGB")
-    thumb.thumbnail((side, side))
-    pixels = np.asarray(thumb, dtype=np.float32).reshape(-1, 3)
-    return float(pixels.std(axis=0).max())
 
 
 class ImageClassifier:
@@ -107,12 +96,11 @@ class Collect(Stage):
     def process(self, items: list[Item]) -> None:
         live = []
         for item in items:
-            image = load_rgb(item.image, self.cfg.max_image_side)
-            std = pixel_std(image, self.cfg.thumbnail_side)
+            std = self._pixel_std(item)
             if std < self.cfg.min_pixel_std:
                 item.reject(self.name, f"near-constant image: pixel std {std:.2f} < {self.cfg.min_pixel_std}")
-            else:
-                live.append((item, image))
+            elif self.checks:
+                live.append((item, load_rgb(item.image, self.cfg.max_image_side)))
         step = self.cfg.images_per_call
         for name, check, classify in self.checks:
             for start in range(0, len(live), step):
@@ -122,3 +110,9 @@ class Collect(Stage):
                 for (item, _), score in zip(chunk, scores, strict=True):
                     if score >= check.threshold:
                         item.reject(self.name, f"{name}: p={score:.3f} >= {check.threshold}")
+
+    @staticmethod
+    def _pixel_std(item: Item) -> float:
+        """Decode measured it while the pixels were decoded; items made elsewhere are measured here."""
+        measured = ((item.record or {}).get("provenance") or {}).get("decode", {}).get("pixel_std")
+        return float(measured) if measured is not None else pixel_std(load_rgb(item.image))

@@ -197,5 +197,6 @@ class Decode(Stage):
             "grounded_conversation": [t | {"spans": []} for t in turns] if turns else None,
             "proposals": [],
             "dropped": [],
-            "provenance": {NAME: {"reencoded": image.reencoded}},
+            # pixel_std: taken here, where the pixels are decoded anyway (collect's near-constant check)
+            "provenance": {NAME: {"reencoded": image.reencoded, "pixel_std": round(image.pixel_std, 3)}},
         }

@@ -42,6 +42,21 @@ def test_near_constant_images_are_rejected_without_loading_any_model():
     assert batch[1].ok
 
 
+def test_near_constant_check_uses_the_value_decode_measured_and_decodes_nothing():
+    """An item that went through decode carries its pixel statistic: collect thresholds it without opening
+    the image again (the bytes here are not even an image)."""
+    stage = Collect(CollectConfig(enabled=True, min_pixel_std=2.0))
+    flat, content = (
+        Item(key=f"{i:064x}", uri=f"/{i}.jpg", image=b"not decoded again", record=record)
+        for i, record in enumerate(
+            [{"provenance": {"decode": {"pixel_std": 0.4}}}, {"provenance": {"decode": {"pixel_std": 35.0}}}]
+        )
+    )
+    stage.run([flat, content])
+    assert flat.error_reason == "near-constant image: pixel std 0.40 < 2.0"
+    assert content.ok
+
+
 @pytest.mark.parametrize("check", ["nsfw", "low_content"])
 def test_classifier_thresholds_reject_with_the_score_in_the_reason(check):
     label = {"nsfw": "nsfw", "low_content": "low-content"}[check]

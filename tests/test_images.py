@@ -95,3 +95,18 @@ def test_size_rules():
         decode((FIXTURE / "odd_panorama.jpg").read_bytes(), DecodeLimits(1 << 24, 10**8, 32, 4))
     with pytest.raises(ImageRejected, match="file too large"):
         decode((FIXTURE / "odd_huge.jpg").read_bytes(), DecodeLimits(1000, 10**8, 32, 20))
+
+
+def test_decode_measures_the_pixel_spread_of_the_stored_pixels():
+    """Decode takes collect's near-constant statistic while it holds the pixels: the same value the
+    statistic gives on the stored image, near 0 for a flat image (JPEG noise and all), high for content."""
+    from engine.images import load_rgb, pixel_std
+
+    flat = io.BytesIO()
+    Image.new("RGB", (300, 200), (90, 140, 200)).save(flat, "JPEG", quality=90)
+    assert decode(flat.getvalue(), LIMITS).pixel_std < 1.0
+    for name in ("scene_000.jpg", "odd_exif_rot6.jpg", "odd_palette.png"):
+        out = decode((FIXTURE / name).read_bytes(), LIMITS)
+        # re-encoding (rotated, palette) moves the statistic only a little
+        assert out.pixel_std == pytest.approx(pixel_std(load_rgb(out.data)), abs=1.0)
+        assert out.pixel_std > 10
