@@ -42,6 +42,7 @@ class DecodedImage:
 
 
 STATS_SIDE = 64  # pixel statistics are taken on a copy box-reduced to about this side
+_LEVELS = np.arange(256, dtype=np.float64)
 
 
 def pixel_std(image: Image.Image, side: int = STATS_SIDE) -> float:
@@ -60,9 +61,6 @@ def pixel_std(image: Image.Image, side: int = STATS_SIDE) -> float:
     mean = counts @ _LEVELS / n
     variance = counts @ (_LEVELS**2) / n - mean**2
     return float(np.sqrt(np.maximum(variance, 0.0)).max())
-
-
-_LEVELS = np.arange(256, dtype=np.float64)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
