@@ -91,6 +91,10 @@ class RayConfig(Strict):
     # Whole passes over the sources still to do, within one command, when Ray fails the run (a node lost
     # past Ray's own retries): each pass resumes from the committed parts, like a rerun would.
     run_attempts: int = Field(3, ge=1)
+    # When every enabled stage runs in one group (one stage, or all named in one `fuse` entry): that
+    # group's actors also read each source and write its parts, so image bytes never cross processes
+    # (engine/source_worker.py). Off: read tasks, stage actors and write tasks, as for longer chains.
+    one_process_per_source: bool = False
     show_progress: bool = True
 
 

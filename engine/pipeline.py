@@ -34,6 +34,7 @@ from engine.sink import (
     make_datasink,
     merge_rejects,
 )
+from engine.source_worker import SourceWorker
 from engine.sources import InputError
 from engine.stage import RunContext, Stage, StageGroup
 from engine.stats import RunStats, format_table
@@ -266,6 +267,7 @@ def start_key_table(
 
 def run_ray(
     cfg: EngineConfig,
+    stages: Sequence[type[Stage]],
     chain: Chain,
     units: list[SourceUnit],
     committed: Committed,
@@ -283,6 +285,10 @@ def run_ray(
     try:
         context = RunContext(registry_names=names, namespace=namespace)
         listing = ray.data.from_arrow([units_table([unit]) for unit in units])  # a block per source
+        groups = stage_groups(stages, cfg)
+        if cfg.ray.one_process_per_source and len(groups) == 1:
+            run_in_source_workers(listing, groups[0], cfg, context, out, run_id)
+            return []  # the markers are read back from the output (run_ray_attempts)
         rows = listing.map_batches(
             read_units_batches,
             fn_kwargs={
@@ -305,6 +311,40 @@ def run_ray(
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def run_in_source_workers(
+    listing: Any,
+    group: list[tuple[type[Stage], Any]],
+    cfg: EngineConfig,
+    context: RunContext,
+    out: Folder,
+    run_id: str,
+) -> None:
+    """The whole chain in one actor pool whose actors read, process and write whole sources."""
+    resources = group_resources(group)
+    members = [(stage, stage.constructor_kwargs(stage_cfg, context)) for stage, stage_cfg in group]
+    workers = listing.map_batches(
+        SourceWorker,
+        fn_constructor_kwargs={
+            "members": members,
+            "torch_threads": resources.torch_threads,
+            "out": out,
+            "run_id": run_id,
+            "batch_size": resources.batch_size,
+            "max_bytes": cfg.sources.max_member_bytes,
+            "shard_size": cfg.sink.shard_size,
+            "max_pending_rejects": cfg.sink.max_pending_rejects,
+            "records": cfg.sink.records,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=_compute(resources),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+    )
+    for _ in workers.iter_batches(batch_size=None):
+        pass  # each source's markers; the driver reads them back from the output once all are done
 
 
 def stage_failing(exc: BaseException) -> StageFailing | None:
@@ -429,7 +469,7 @@ def run(
 
             started_ray = init_ray(cfg.ray, namespace="rexverse")
             try:
-                results = run_ray_attempts(cfg, chain, plan, inputs, limit, committed, out, run_id)
+                results = run_ray_attempts(cfg, stages, chain, plan, inputs, limit, committed, out, run_id)
             finally:
                 if started_ray:
                     import ray
@@ -489,6 +529,7 @@ def run(
 
 def run_ray_attempts(
     cfg: EngineConfig,
+    stages: Sequence[type[Stage]],
     chain: Chain,
     plan: Plan,
     inputs: list[str],
@@ -506,7 +547,9 @@ def run_ray_attempts(
     units = plan.units
     for attempt in range(1, cfg.ray.run_attempts + 1):
         try:
-            run_ray(cfg, chain, units, committed, out, run_id if attempt == 1 else f"{run_id}r{attempt}")
+            run_ray(
+                cfg, stages, chain, units, committed, out, run_id if attempt == 1 else f"{run_id}r{attempt}"
+            )
             break
         except Exception as exc:
             if attempt == cfg.ray.run_attempts or not _retryable(exc):

@@ -108,9 +108,13 @@ class Stage:
         return len(item.record.get(self.unit, []))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return items_to_batch(self.run_columns(batch))
+
+    def run_columns(self, batch: dict[str, Any]) -> list[Item]:
+        """A batch of item columns (as Ray passes them) in, the processed items out."""
         items = batch_to_items(batch)
         self.run(items)
-        return items_to_batch(items)
+        return items
 
     def run(self, items: list[Item]) -> None:
         """Process the live items; if the batch fails as a whole, retry one by one so only culprits reject."""
@@ -209,7 +213,11 @@ class StageGroup:
         set_torch_threads(torch_threads)  # each member set its own; the group runs with the largest
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        items = batch_to_items(self.stages[0](batch))  # the first may be decode, which takes the listing
+        return items_to_batch(self.run_columns(batch))
+
+    def run_columns(self, batch: dict[str, Any]) -> list[Item]:
+        """The batch through every member; the first may be decode, which takes listing columns."""
+        items = self.stages[0].run_columns(batch)
         for stage in self.stages[1:]:
             stage.run(items)
-        return items_to_batch(items)
+        return items

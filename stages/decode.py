@@ -91,6 +91,9 @@ class Decode(Stage):
         return {"cfg": cfg, "registry_names": context.registry_names, "namespace": context.namespace}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return items_to_batch(self.run_columns(batch))
+
+    def run_columns(self, batch: dict[str, Any]) -> list[Item]:
         """`batch` holds listing columns (`engine.sources.LISTING_SCHEMA`), not items; rows read by a work
         unit's worker (`engine.units.ROW_SCHEMA`) also carry their bytes (`data`), source and ordinal."""
         names = [name for name in (*LISTING_SCHEMA.names, "data", "source", "ordinal") if name in batch]
@@ -108,7 +111,7 @@ class Decode(Stage):
         ]
         self._where = {id(item): row for item, row in zip(items, rows, strict=True)}
         self.run(items)
-        return items_to_batch(items)
+        return items
 
     def process(self, items: list[Item]) -> None:
         for item in items:
