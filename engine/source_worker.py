@@ -20,7 +20,7 @@ import numpy as np
 from engine.sink import PartWriter
 from engine.stage import Stage, StageGroup
 from engine.storage import Folder
-from engine.units import UNIT_SCHEMA, SourceUnit, unit_rows
+from engine.units import SourceUnit, batch_units, unit_rows
 
 
 def source_task_number(source: str) -> int:
@@ -49,10 +49,7 @@ class SourceWorker:
         self.shard_size, self.max_pending_rejects, self.records = shard_size, max_pending_rejects, records
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        markers: list[dict[str, Any]] = []
-        for i in range(len(batch["source"])):
-            unit = SourceUnit(**{name: _plain(batch[name][i]) for name in UNIT_SCHEMA.names})
-            markers += self.process(unit)
+        markers = [marker for unit in batch_units(batch) for marker in self.process(unit)]
         return {"marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 
     def process(self, unit: SourceUnit) -> list[dict[str, Any]]:
@@ -78,7 +75,3 @@ class SourceWorker:
         columns = {name: [row[name] for row in rows] for name in rows[0]}  # the first stage takes columns
         for item in self.group.run_columns(columns):
             writer.add(item)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value

@@ -424,9 +424,7 @@ def read_units_batches(
 ) -> Iterator[pa.Table]:
     """Ray Data generator UDF: unit rows in, tables of `block_rows` member rows out, as the source is read
     (a source streams through the stages in pieces, never whole in memory)."""
-    names = UNIT_SCHEMA.names
-    for i in range(len(batch["source"])):
-        unit = SourceUnit(**{name: _plain(batch[name][i]) for name in names})
+    for unit in batch_units(batch):
         pending: list[dict[str, Any]] = []
         for row in unit_rows(unit, max_bytes, out):
             pending.append(row)
@@ -435,6 +433,12 @@ def read_units_batches(
                 pending = []
         if pending:
             yield rows_table(pending)
+
+
+def batch_units(batch: dict[str, Any]) -> Iterator[SourceUnit]:
+    """The units of a batch of listing rows (`UNIT_SCHEMA` columns, as Ray Data passes them)."""
+    for i in range(len(batch["source"])):
+        yield SourceUnit(**{name: _plain(batch[name][i]) for name in UNIT_SCHEMA.names})
 
 
 def _plain(value: Any) -> Any:
