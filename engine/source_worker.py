@@ -10,6 +10,7 @@ retries after a lost actor writes the same parts again and keeps the ones alread
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from collections.abc import Sequence
@@ -44,6 +45,9 @@ class SourceWorker:
         records: str,
     ) -> None:
         self.group = StageGroup(members, torch_threads)
+        # Everything loaded so far (Ray, pyarrow, the stages) lives as long as the actor: out of the
+        # collector's reach, its full collections only walk what the work itself allocates.
+        gc.freeze()
         self.out, self.run_id = out, run_id
         self.batch_size, self.max_bytes = batch_size, max_bytes
         self.shard_size, self.max_pending_rejects, self.records = shard_size, max_pending_rejects, records
@@ -72,6 +76,5 @@ class SourceWorker:
         return writer.close()
 
     def _write(self, rows: list[dict[str, Any]], writer: PartWriter) -> None:
-        columns = {name: [row[name] for row in rows] for name in rows[0]}  # the first stage takes columns
-        for item in self.group.run_columns(columns):
+        for item in self.group.run_rows(rows):
             writer.add(item)

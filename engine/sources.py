@@ -21,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import string
 import tarfile
 import time
 from collections import deque
@@ -91,7 +92,11 @@ class SourceItem:
 
 
 def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
+    """An image's file name (by suffix, as `pathlib` reads it), not a hidden file. String operations, not
+    `pathlib`: this runs for every member of every tar, and a `Path` costs more than reading its header."""
+    base = name.rstrip("/").rpartition("/")[2]
+    suffix = base.rpartition(".")[2]
+    return "." in base and not base.startswith(".") and f".{suffix.lower()}" in IMAGE_SUFFIXES
 
 
 def sidecar_path(path: str, ext: str) -> str:
@@ -281,7 +286,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
 def unsafe_member(member: tarfile.TarInfo) -> str:
     """Why a tar member must not be used (a reject reason), or "" when it is a plain file or folder."""
     name = member.name
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[\\/]", name):
+    drive = len(name) > 1 and name[1] == ":" and name[0] in string.ascii_letters
+    if name.startswith(("/", "\\")) or drive or (".." in name and ".." in re.split(r"[\\/]", name)):
         return f"unsafe member name: {name!r} (absolute or '..' path)"
     if member.issym():
         return f"unsafe member: symlink {name!r} -> {member.linkname!r}"

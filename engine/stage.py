@@ -63,6 +63,9 @@ class Stage:
     # The preflight sets a dict here to see every score a threshold is applied to (`log_scores`);
     # None in a run, where logging them would cost memory for nothing.
     score_log: dict[str, dict[str, Any]] | None = None
+    # False for a stage whose `process` only rejects whole items and never edits a record (collect): a
+    # batch that fails then restores no record, so none is copied before each batch.
+    edits_records: ClassVar[bool] = True
 
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
@@ -122,7 +125,7 @@ class Stage:
         if not live:
             return
         counts_in = [self.count(item) for item in live]
-        snapshots = [_snapshot(item) for item in live]
+        snapshots = [_snapshot(item, self.edits_records) for item in live]
         start = time.perf_counter()
         try:
             self.process(live)
@@ -143,7 +146,7 @@ class Stage:
             self.health.observe(failed, item.error_reason)
 
     def _process_alone(self, item: Item) -> None:
-        snapshot = _snapshot(item)
+        snapshot = _snapshot(item, self.edits_records)
         try:
             self.process([item])
         except RetryableError:
@@ -185,20 +188,17 @@ class StageHealth:
             raise StageFailing(self.stage, self.errors_in_window, summary, self.first_error)
 
 
-def _snapshot(item: Item) -> tuple:
+def _snapshot(item: Item, with_record: bool = True) -> tuple:
     """The item as it was, to restore if a batch fails. The record is pickled (plain JSON-like data):
     several times cheaper than `copy.deepcopy`, and unpickled only when a batch actually fails."""
-    return (
-        pickle.dumps(item.record, protocol=pickle.HIGHEST_PROTOCOL),
-        item.image,
-        item.error_stage,
-        item.error_reason,
-    )
+    record = pickle.dumps(item.record, protocol=pickle.HIGHEST_PROTOCOL) if with_record else None
+    return (record, item.image, item.error_stage, item.error_reason)
 
 
 def _restore(item: Item, snapshot: tuple) -> None:
     record, item.image, item.error_stage, item.error_reason = snapshot
-    item.record = pickle.loads(record)
+    if record is not None:
+        item.record = pickle.loads(record)
 
 
 class StageGroup:
@@ -217,7 +217,13 @@ class StageGroup:
 
     def run_columns(self, batch: dict[str, Any]) -> list[Item]:
         """The batch through every member; the first may be decode, which takes listing columns."""
-        items = self.stages[0].run_columns(batch)
+        return self._rest(self.stages[0].run_columns(batch))
+
+    def run_rows(self, rows: list[dict[str, Any]]) -> list[Item]:
+        """Rows a source worker read (the first member is decode, which takes them as they are)."""
+        return self._rest(self.stages[0].run_rows(rows))  # type: ignore[attr-defined]
+
+    def _rest(self, items: list[Item]) -> list[Item]:
         for stage in self.stages[1:]:
             stage.run(items)
         return items

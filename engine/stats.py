@@ -72,7 +72,10 @@ class RunStats:
         self.tier_drops: dict[str, Counter] = {}  # per tier, why regions of written records lack it
 
     def stage(self, name: str) -> StageStats:
-        return self.stages.setdefault(name, StageStats())
+        stats = self.stages.get(name)
+        if stats is None:  # not setdefault: that would build a StageStats (two Counters) every call
+            stats = self.stages[name] = StageStats()
+        return stats
 
     def add(self, item: Item, extra_reject: tuple[str, str] | None = None) -> None:
         """Count one item at the sink; `extra_reject` is a rejection made by the sink itself."""
@@ -94,9 +97,11 @@ class RunStats:
             stats.images_in += 1
             stats.rejected[reason_kind(reason)] += 1
         elif item.ok and item.record is not None:
-            self.tiers.update(tier_counts(item.record))
-            for tier, reasons in tier_drops(item.record).items():
-                self.tier_drops.setdefault(tier, Counter()).update(reasons)
+            if item.record.get("regions"):  # image-only records (the pool pass) have none to count
+                self.tiers.update(tier_counts(item.record))
+            if item.record.get("dropped"):
+                for tier, reasons in tier_drops(item.record).items():
+                    self.tier_drops.setdefault(tier, Counter()).update(reasons)
 
     def merge(self, other: RunStats) -> None:
         for name, stats in other.stages.items():

@@ -251,7 +251,8 @@ def _tar_rows(unit: SourceUnit, max_bytes: int) -> Iterator[dict[str, Any]]:
     def flush() -> Iterator[dict[str, Any]]:
         text = sample_text(texts) if texts else ""
         for row in images:
-            yield row | {"text": text}
+            row["text"] = text
+            yield row
 
     def row(name: str, data: bytes | None, problem: str = "", size: int = -1) -> dict[str, Any]:
         return {

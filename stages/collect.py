@@ -4,8 +4,8 @@ an NSFW classifier, a low-content classifier (plain, empty or text-only images) 
 The classifiers are any transformers image classifier (`AutoModelForImageClassification`) named in config;
 an image's score is the summed softmax probability of the labels listed in `reject_labels`, rejected at or
 above `threshold`. Near-constant images are caught by a pixel statistic, which costs no model and no
-second decode: `decode` measures the largest per-channel standard deviation of a small box-reduced copy
-while it has the pixels (`engine.images.pixel_std`), and this stage applies the threshold. The minimum
+second decode: `decode` measures the largest per-channel standard deviation of a regular sample of the pixels
+while it has them (`engine.images.pixel_std`), and this stage applies the threshold. The minimum
 side stays in `decode`.
 """
 
@@ -84,6 +84,7 @@ class Collect(Stage):
     name = "collect"
     config_class = CollectConfig
     unit = ""
+    edits_records = False  # it only rejects
 
     def __init__(self, cfg: CollectConfig) -> None:
         super().__init__(cfg)

@@ -97,7 +97,10 @@ class Decode(Stage):
         """`batch` holds listing columns (`engine.sources.LISTING_SCHEMA`), not items; rows read by a work
         unit's worker (`engine.units.ROW_SCHEMA`) also carry their bytes (`data`), source and ordinal."""
         names = [name for name in (*LISTING_SCHEMA.names, "data", "source", "ordinal") if name in batch]
-        rows = [{name: batch[name][i] for name in names} for i in range(len(batch["uri"]))]
+        return self.run_rows([{name: batch[name][i] for name in names} for i in range(len(batch["uri"]))])
+
+    def run_rows(self, rows: list[dict[str, Any]]) -> list[Item]:
+        """The same as row dicts (a source worker reads them so: no columns in between)."""
         items = [
             Item(
                 key="",
@@ -131,7 +134,9 @@ class Decode(Stage):
         where = self._where[id(item)]
         if where.get("text"):
             return str(where["text"])
-        siblings = json.loads(where.get("siblings") or "{}")
+        if not where.get("siblings"):
+            return ""
+        siblings = json.loads(where["siblings"])
         path = str(where["path"])
         in_tar = int(where["offset"]) >= 0
         members = {}
