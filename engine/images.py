@@ -16,6 +16,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "WEBP"}
+# `open_image` bounds the pixel count itself (decode.max_pixels) before any pixel is decoded, so PIL's own
+# warning for big images says nothing new. Filtered once here: a `catch_warnings` block per image costs
+# more than hashing it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageRejected(Exception):
@@ -43,8 +47,6 @@ class DecodedImage:
 
 
 STATS_SIDE = 32  # pixel statistics are taken on a nearest-neighbour sample of about this side
-_LEVELS = np.arange(256, dtype=np.int64)
-_SQUARES = _LEVELS * _LEVELS
 
 
 def pixel_std(image: Image.Image, side: int = STATS_SIDE) -> float:
@@ -53,17 +55,18 @@ def pixel_std(image: Image.Image, side: int = STATS_SIDE) -> float:
 
     Per channel, not of grey levels: a yellow shape on a grey background can have the same luminance.
     A sample, not every pixel (nor a box-filtered copy): anything that reads every pixel again costs about
-    a third of the decode itself; picking ~1,000 pixels costs ~2 % of it. From PIL's per-band histograms
-    (C) and exact integer sums over them: numpy over the pixels would cost more than the decode.
+    a third of the decode itself; picking ~1,000 pixels costs a few percent of it. The sample's bytes go
+    to numpy as they are (no per-pixel Python objects).
     """
     width, height = image.size
     step = max(1, max(width, height) // side)
     sample = image.resize((max(1, width // step), max(1, height // step)), Image.Resampling.NEAREST)
     rgb = sample if sample.mode == "RGB" else sample.convert("RGB")
-    counts = np.array(rgb.histogram(), dtype=np.int64).reshape(3, 256)
-    n = rgb.width * rgb.height
-    # exact integer sums, elementwise: a matrix product would go through BLAS and its threads
-    sums, squares = (counts * _LEVELS).sum(axis=1).tolist(), (counts * _SQUARES).sum(axis=1).tolist()
+    pixels = np.frombuffer(rgb.tobytes(), dtype=np.uint8).reshape(-1, 3).astype(np.float64)
+    n = len(pixels)
+    # Sums of integer levels: exact in float64 (far below 2**53). einsum, not a matrix product: no BLAS
+    # and its threads for ~1,000 pixels.
+    sums, squares = np.einsum("ij->j", pixels).tolist(), np.einsum("ij,ij->j", pixels, pixels).tolist()
     return math.sqrt(max(0.0, *((q * n - s * s) / (n * n) for s, q in zip(sums, squares, strict=True))))
 
 
@@ -115,11 +118,9 @@ def open_image(data: bytes, limits: DecodeLimits) -> OpenedImage:
     fmt = (image.format or "").upper()
     try:
         orientation = int(image.getexif().get(0x0112, 1) or 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # bounded above
-            image.load()
-            # exif_transpose copies every image it does not turn: only call it for the ones it turns
-            upright = ImageOps.exif_transpose(image) if orientation not in (0, 1) else image
+        image.load()
+        # exif_transpose copies every image it does not turn: only call it for the ones it turns
+        upright = ImageOps.exif_transpose(image) if orientation not in (0, 1) else image
     except Exception as exc:
         raise ImageRejected(f"corrupt image: {type(exc).__name__}: {exc}") from None
     return OpenedImage(upright, fmt, orientation)

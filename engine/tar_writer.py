@@ -21,6 +21,7 @@ BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # an archive's length is a multiple of this, as tarfile writes it
 MAX_SIZE = 8**11 - 1  # the largest size ustar's 12-byte octal field holds
 _CHECKSUM = slice(148, 156)
+SMALL_MEMBER = 64 * 1024
 
 
 def _template() -> bytearray:
@@ -63,12 +64,14 @@ class TarAppender:
 
     def add(self, name: str, data: bytes) -> None:
         header = member_header(name, len(data))
-        padding = -len(data) % BLOCK
-        self.fileobj.write(header)
-        self.fileobj.write(data)
-        if padding:
-            self.fileobj.write(bytes(padding))
-        self.offset += len(header) + len(data) + padding
+        padding = bytes(-len(data) % BLOCK)
+        if len(data) <= SMALL_MEMBER:  # one write call: copying a small member costs less than two more
+            self.fileobj.write(b"".join((header, data, padding)))
+        else:
+            self.fileobj.write(header)
+            self.fileobj.write(data)
+            self.fileobj.write(padding)
+        self.offset += len(header) + len(data) + len(padding)
 
     def close(self) -> None:
         if self.closed:

@@ -13,6 +13,7 @@ from engine.tar_writer import TarAppender, member_header
 MEMBERS = [
     ("a" * 64 + ".jpg", b"\xff\xd8" + bytes(range(256)) * 7),
     ("a" * 64 + ".json", b'{"key": "x"}'),
+    ("big.bin", bytes(range(256)) * 300),  # past SMALL_MEMBER: header, data and padding written apart
     ("empty.txt", b""),
     ("exactly-one-block.bin", b"x" * 512),
     ("caf\u00e9/\u00fcml\u00e4ut.json", b"{}"),  # non-ASCII names: UTF-8, as tarfile writes them
