@@ -3,6 +3,7 @@
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -110,3 +111,19 @@ def test_decode_measures_the_pixel_spread_of_the_stored_pixels():
         # re-encoding (rotated, palette) moves the statistic only a little
         assert out.pixel_std == pytest.approx(pixel_std(load_rgb(out.data)), abs=1.0)
         assert out.pixel_std > 10
+
+
+def test_the_sampled_pixel_spread_estimates_the_spread_of_every_pixel():
+    """`pixel_std` looks at 255 pixels: on real images it stays within a few levels of the standard
+    deviation of all of them, and a sample never exceeds a byte per histogram bin."""
+    from engine.images import SAMPLE_PIXELS, load_rgb, pixel_std, sample_size
+
+    for name in ("scene_000.jpg", "scene_001.jpg", "odd_exif_rot6.jpg", "odd_palette.png"):
+        image = load_rgb((FIXTURE / name).read_bytes())
+        full = float(np.asarray(image, dtype=np.float64).reshape(-1, 3).std(axis=0).max())
+        assert pixel_std(image) == pytest.approx(full, rel=0.15), name
+    for width, height in ((256, 256), (4000, 3000), (20, 400), (400, 20), (1, 1), (10, 12), (15, 17)):
+        columns, rows = sample_size(width, height)
+        assert 1 <= columns <= width and 1 <= rows <= height and columns * rows <= SAMPLE_PIXELS
+        if width * height <= SAMPLE_PIXELS:
+            assert (columns, rows) == (width, height)  # small images: every pixel
