@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,11 @@ class DecodedImage:
     width: int
     height: int
     reencoded: bool
-    pixel_std: float  # `pixel_std` of the stored pixels (collect's near-constant check reads it)
+    histogram: bytes  # `sample_histogram` of the stored pixels (for collect's near-constant check)
+
+    @property
+    def pixel_std(self) -> float:
+        return pixel_spreads([self.histogram])[0]
 
 
 # Pixel statistics are estimated from a regular sample of at most this many pixels: then no count of a
@@ -58,24 +63,38 @@ def sample_size(width: int, height: int, pixels: int = SAMPLE_PIXELS) -> tuple[i
     return columns, max(1, min(height, pixels // columns))
 
 
-def pixel_std(image: Image.Image) -> float:
-    """Largest per-channel standard deviation (levels 0-255) of the image's pixels, estimated from a
-    regular nearest-neighbour sample of `SAMPLE_PIXELS` of them: near 0 for a constant image.
+def sample_histogram(image: Image.Image) -> bytes:
+    """Per-band counts (3 x 256, one byte each) of a regular nearest-neighbour sample of at most
+    `SAMPLE_PIXELS` of the image's pixels: what `pixel_spreads` needs, taken while the pixels are at hand.
 
-    Per channel, not of grey levels: a yellow shape on a grey background can have the same luminance.
     A sample, not every pixel (nor a box-filtered copy): anything that reads every pixel again costs about
     a third of the decode itself. 255 pixels estimate a standard deviation to about 5 % (relative), plenty
-    for a threshold near 2 levels. The cost that is left is Python's: turning PIL's histogram (a list of
-    768 ints) into numpy costs 20 µs as ints and 8 µs as bytes, which is why no count may pass 255.
+    for a threshold near 2 levels, and keep every count within a byte: PIL's histogram (a list of 768
+    ints) becomes bytes in one C call, where turning it into numpy ints costs more than the sample.
     """
     width, height = image.size
     sample = image.resize(sample_size(width, height), Image.Resampling.NEAREST)
     rgb = sample if sample.mode == "RGB" else sample.convert("RGB")
-    counts = np.frombuffer(bytes(rgb.histogram()), dtype=np.uint8).reshape(3, 256)
-    n = rgb.width * rgb.height
-    # per band: sum of levels, sum of squares (exact: integers far below 2**53)
-    moments = np.dot(counts, _MOMENTS).tolist()
-    return math.sqrt(max(0.0, *((q * n - s * s) / (n * n) for s, q in moments)))
+    return bytes(rgb.histogram())
+
+
+def pixel_spreads(histograms: Sequence[bytes]) -> list[float]:
+    """For each `sample_histogram`, the largest per-channel standard deviation (levels 0-255) of its pixels:
+    near 0 for a constant image. Per channel, not of grey levels: a yellow shape on a grey background can
+    have the same luminance. One numpy pass for a whole batch: per image, numpy's calls would cost more
+    than the statistic."""
+    if not histograms:
+        return []
+    counts = np.frombuffer(b"".join(histograms), dtype=np.uint8).reshape(-1, 3, 256)
+    moments = counts @ _MOMENTS  # per image and band: sum of levels, sum of squares (exact in float64)
+    n = counts[:, :1, :].sum(axis=2, dtype=np.float64)  # pixels per image (the first band's counts)
+    variance = (moments[..., 1] * n - moments[..., 0] ** 2) / (n * n)
+    return np.sqrt(np.maximum(variance.max(axis=1), 0.0)).tolist()
+
+
+def pixel_std(image: Image.Image) -> float:
+    """`pixel_spreads` of one image."""
+    return pixel_spreads([sample_histogram(image)])[0]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -149,7 +168,7 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
     upright_rgb = source.mode == "RGB" and opened.orientation in (0, 1)
     if upright_rgb and (fmt == "JPEG" or (fmt == "PNG" and limits.keep_lossless)):
         ext = "jpg" if fmt == "JPEG" else "png"
-        return DecodedImage(data, ext, width, height, reencoded=False, pixel_std=pixel_std(source))
+        return DecodedImage(data, ext, width, height, reencoded=False, histogram=sample_histogram(source))
     rgb = _to_rgb(source)
     buffer = io.BytesIO()
     if fmt in LOSSLESS_FORMATS and limits.keep_lossless:
@@ -158,7 +177,9 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
     else:
         rgb.save(buffer, format="JPEG", quality=limits.jpeg_quality)
         ext = "jpg"
-    return DecodedImage(buffer.getvalue(), ext, width, height, reencoded=True, pixel_std=pixel_std(rgb))
+    return DecodedImage(
+        buffer.getvalue(), ext, width, height, reencoded=True, histogram=sample_histogram(rgb)
+    )
 
 
 def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 from pydantic import Field
 
 from engine.config import Resources, Strict
-from engine.images import DecodeLimits, ImageRejected, decode
+from engine.images import DecodeLimits, ImageRejected, decode, pixel_spreads
 from engine.input_text import MAX_TEXT_BYTES, decode_text, sample_text
 from engine.items import Item, items_to_batch
 from engine.sources import LISTING_SCHEMA, ReadError, read_bytes, sidecar_path
@@ -121,11 +121,18 @@ class Decode(Stage):
             self._read(item)
         fresh = [item for item in items if item.ok]
         owners = self.claim([(item.key, item.uri) for item in fresh]) if fresh else []
+        decoded = []
         for item, owner in zip(fresh, owners, strict=True):
             if owner is not None:
                 item.reject(NAME, f"duplicate: same bytes as {owner}")
-            else:
-                self._decode(item, str(self._where[id(item)]["dataset"]), self._input_text(item))
+                continue
+            histogram = self._decode(item, str(self._where[id(item)]["dataset"]), self._input_text(item))
+            if histogram is not None:
+                decoded.append((item, histogram))
+        # collect's near-constant statistic, for the whole batch at once (engine.images.pixel_spreads)
+        spreads = pixel_spreads([histogram for _, histogram in decoded])
+        for (item, _), spread in zip(decoded, spreads, strict=True):
+            item.record["provenance"][NAME]["pixel_std"] = round(spread, 3)  # type: ignore[index]
 
     def _input_text(self, item: Item) -> str:
         """The input's own caption/conversation: listed with it, or read here from its sample's `.txt` /
@@ -182,12 +189,13 @@ class Decode(Stage):
             problem=str(where["problem"] or ""),
         )
 
-    def _decode(self, item: Item, dataset: str, text: str = "") -> None:
+    def _decode(self, item: Item, dataset: str, text: str = "") -> bytes | None:
+        """Decode and make the record; returns the pixel sample's histogram (None when rejected)."""
         try:
             image = decode(item.image, self.limits)
         except ImageRejected as exc:
             item.reject(NAME, str(exc))
-            return
+            return None
         item.image = image.data
         own = decode_text(text)  # the input's own caption / conversation (stages.caption.source uses it)
         turns = own.get("conversation")
@@ -205,6 +213,8 @@ class Decode(Stage):
             "grounded_conversation": [t | {"spans": []} for t in turns] if turns else None,
             "proposals": [],
             "dropped": [],
-            # pixel_std: taken here, where the pixels are decoded anyway (collect's near-constant check)
-            "provenance": {NAME: {"reencoded": image.reencoded, "pixel_std": round(image.pixel_std, 3)}},
+            # pixel_std (set by `process` for the batch): measured here, where the pixels are decoded
+            # anyway (collect's near-constant check)
+            "provenance": {NAME: {"reencoded": image.reencoded, "pixel_std": None}},
         }
+        return image.histogram

@@ -127,3 +127,28 @@ def test_the_sampled_pixel_spread_estimates_the_spread_of_every_pixel():
         assert 1 <= columns <= width and 1 <= rows <= height and columns * rows <= SAMPLE_PIXELS
         if width * height <= SAMPLE_PIXELS:
             assert (columns, rows) == (width, height)  # small images: every pixel
+
+
+def test_the_decode_stage_records_each_images_pixel_spread_batch_or_not(tmp_path):
+    """Decode measures the statistic for a whole batch at once: each record gets its own image's value,
+    the same as measuring that image alone, and rejected images get none."""
+    from engine.images import load_rgb, pixel_std
+    from engine.items import batch_to_items
+    from engine.sources import list_inputs, listing_table
+    from stages.decode import Decode, DecodeConfig
+
+    Image.new("RGB", (300, 200), (90, 140, 200)).save(tmp_path / "flat.jpg", quality=90)
+    for name in ("scene_000.jpg", "scene_001.jpg", "odd_palette.png"):
+        (tmp_path / name).write_bytes((FIXTURE / name).read_bytes())
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    table = listing_table(list_inputs([str(tmp_path)]))
+    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+    items = batch_to_items(Decode(DecodeConfig(), claim=lambda pairs: [None] * len(pairs))(batch))
+    spreads = {Path(i.uri).name: i.record["provenance"]["decode"]["pixel_std"] for i in items if i.ok}
+    assert set(spreads) == {"flat.jpg", "scene_000.jpg", "scene_001.jpg", "odd_palette.png"}
+    for item in items:
+        if item.ok:  # re-encoded images (the palette PNG) were measured before their JPEG encoding
+            alone = round(pixel_std(load_rgb(item.image)), 3)
+            reencoded = item.record["provenance"]["decode"]["reencoded"]
+            assert spreads[Path(item.uri).name] == (pytest.approx(alone, abs=2.0) if reencoded else alone)
+    assert spreads["flat.jpg"] < 1.0 < 10 < min(spreads["scene_000.jpg"], spreads["scene_001.jpg"])
