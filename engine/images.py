@@ -52,7 +52,7 @@ class DecodedImage:
 
 
 # Pixel statistics are estimated from a regular sample of at most this many pixels: then no count of a
-# histogram bin exceeds a byte, and the histogram reaches numpy as bytes (see `pixel_std`).
+# histogram bin exceeds a byte, and the histogram reaches numpy as bytes (see `sample_histogram`).
 SAMPLE_PIXELS = 255
 _MOMENTS = np.stack([np.arange(256.0), np.arange(256.0) ** 2], axis=1)  # level, level squared
 
