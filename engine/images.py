@@ -44,17 +44,15 @@ class DecodedImage:
     width: int
     height: int
     reencoded: bool
-    histogram: bytes  # `sample_histogram` of the stored pixels (for collect's near-constant check)
+    sample: bytes  # `sample_pixels` of the stored pixels (for collect's near-constant check)
 
     @property
     def pixel_std(self) -> float:
-        return pixel_spreads([self.histogram])[0]
+        return pixel_spreads([self.sample])[0]
 
 
-# Pixel statistics are estimated from a regular sample of at most this many pixels: then no count of a
-# histogram bin exceeds a byte, and the histogram reaches numpy as bytes (see `sample_histogram`).
-SAMPLE_PIXELS = 255
-_MOMENTS = np.stack([np.arange(256.0), np.arange(256.0) ** 2], axis=1)  # level, level squared
+# Pixel statistics are estimated from a regular sample of at most this many pixels (see `sample_pixels`).
+SAMPLE_PIXELS = 256
 
 
 def sample_size(width: int, height: int, pixels: int = SAMPLE_PIXELS) -> tuple[int, int]:
@@ -63,38 +61,42 @@ def sample_size(width: int, height: int, pixels: int = SAMPLE_PIXELS) -> tuple[i
     return columns, max(1, min(height, pixels // columns))
 
 
-def sample_histogram(image: Image.Image) -> bytes:
-    """Per-band counts (3 x 256, one byte each) of a regular nearest-neighbour sample of at most
-    `SAMPLE_PIXELS` of the image's pixels: what `pixel_spreads` needs, taken while the pixels are at hand.
+def sample_pixels(image: Image.Image) -> bytes:
+    """The RGB bytes of a regular nearest-neighbour sample of at most `SAMPLE_PIXELS` of the image's pixels:
+    what `pixel_spreads` needs, taken while the pixels are at hand.
 
     A sample, not every pixel (nor a box-filtered copy): anything that reads every pixel again costs about
-    a third of the decode itself. 255 pixels estimate a standard deviation to about 5 % (relative), plenty
-    for a threshold near 2 levels, and keep every count within a byte: PIL's histogram (a list of 768
-    ints) becomes bytes in one C call, where turning it into numpy ints costs more than the sample.
+    a third of the decode itself. 256 pixels estimate a standard deviation to about 5 % (relative), plenty
+    for a threshold near 2 levels. The pixels themselves, not PIL's histogram: its list of 768 ints costs
+    more to make and turn into bytes than the sample.
     """
     width, height = image.size
     sample = image.resize(sample_size(width, height), Image.Resampling.NEAREST)
     rgb = sample if sample.mode == "RGB" else sample.convert("RGB")
-    return bytes(rgb.histogram())
+    return rgb.tobytes()
 
 
-def pixel_spreads(histograms: Sequence[bytes]) -> list[float]:
-    """For each `sample_histogram`, the largest per-channel standard deviation (levels 0-255) of its pixels:
+def pixel_spreads(samples: Sequence[bytes]) -> list[float]:
+    """For each `sample_pixels`, the largest per-channel standard deviation (levels 0-255) of its pixels:
     near 0 for a constant image. Per channel, not of grey levels: a yellow shape on a grey background can
     have the same luminance. One numpy pass for a whole batch: per image, numpy's calls would cost more
     than the statistic."""
-    if not histograms:
+    if not samples:
         return []
-    counts = np.frombuffer(b"".join(histograms), dtype=np.uint8).reshape(-1, 3, 256)
-    moments = counts @ _MOMENTS  # per image and band: sum of levels, sum of squares (exact in float64)
-    n = counts[:, :1, :].sum(axis=2, dtype=np.float64)  # pixels per image (the first band's counts)
-    variance = (moments[..., 1] * n - moments[..., 0] ** 2) / (n * n)
+    counts = np.fromiter((len(sample) // 3 for sample in samples), dtype=np.int64, count=len(samples))
+    pixels = np.frombuffer(b"".join(samples), dtype=np.uint8).reshape(-1, 3).astype(np.float64)
+    starts = np.zeros(len(samples), dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    sums = np.add.reduceat(pixels, starts, axis=0)  # per image and channel (exact in float64)
+    squares = np.add.reduceat(pixels * pixels, starts, axis=0)
+    n = counts[:, None].astype(np.float64)
+    variance = (squares * n - sums * sums) / (n * n)
     return np.sqrt(np.maximum(variance.max(axis=1), 0.0)).tolist()
 
 
 def pixel_std(image: Image.Image) -> float:
     """`pixel_spreads` of one image."""
-    return pixel_spreads([sample_histogram(image)])[0]
+    return pixel_spreads([sample_pixels(image)])[0]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -168,7 +170,7 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
     upright_rgb = source.mode == "RGB" and opened.orientation in (0, 1)
     if upright_rgb and (fmt == "JPEG" or (fmt == "PNG" and limits.keep_lossless)):
         ext = "jpg" if fmt == "JPEG" else "png"
-        return DecodedImage(data, ext, width, height, reencoded=False, histogram=sample_histogram(source))
+        return DecodedImage(data, ext, width, height, reencoded=False, sample=sample_pixels(source))
     rgb = _to_rgb(source)
     buffer = io.BytesIO()
     if fmt in LOSSLESS_FORMATS and limits.keep_lossless:
@@ -178,7 +180,7 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
         rgb.save(buffer, format="JPEG", quality=limits.jpeg_quality)
         ext = "jpg"
     return DecodedImage(
-        buffer.getvalue(), ext, width, height, reencoded=True, histogram=sample_histogram(rgb)
+        buffer.getvalue(), ext, width, height, reencoded=True, sample=sample_pixels(rgb)
     )
 
 

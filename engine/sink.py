@@ -49,6 +49,10 @@ from schemas import (
 )
 
 log = logging.getLogger("rexverse.sink")
+# Records as shard members: UTF-8 text as is. One encoder for every record (json.dumps with options
+# builds a new one per call).
+RECORD_JSON = json.JSONEncoder(ensure_ascii=False)
+
 PART_DIRS = ("shards", "index", "rejects")
 SUBDIRS = (*PART_DIRS, "_commits")
 
@@ -203,7 +207,7 @@ class PartWriter:
     def _write(self, item: Item) -> None:
         record = item.record
         self.tar.add(f"{item.key}.{record['image_ext']}", item.image)
-        self.tar.add(f"{item.key}.json", json.dumps(record, ensure_ascii=False).encode())
+        self.tar.add(f"{item.key}.json", RECORD_JSON.encode(record).encode())
         self.index_rows.append(to_index_row(record, f"{self.name}.tar"))
         self.known_keys.add(item.key)
         self.part_stats.add(item)

@@ -126,11 +126,11 @@ class Decode(Stage):
             if owner is not None:
                 item.reject(NAME, f"duplicate: same bytes as {owner}")
                 continue
-            histogram = self._decode(item, str(self._where[id(item)]["dataset"]), self._input_text(item))
-            if histogram is not None:
-                decoded.append((item, histogram))
+            sample = self._decode(item, str(self._where[id(item)]["dataset"]), self._input_text(item))
+            if sample is not None:
+                decoded.append((item, sample))
         # collect's near-constant statistic, for the whole batch at once (engine.images.pixel_spreads)
-        spreads = pixel_spreads([histogram for _, histogram in decoded])
+        spreads = pixel_spreads([sample for _, sample in decoded])
         for (item, _), spread in zip(decoded, spreads, strict=True):
             item.record["provenance"][NAME]["pixel_std"] = round(spread, 3)  # type: ignore[index]
 
@@ -190,7 +190,8 @@ class Decode(Stage):
         )
 
     def _decode(self, item: Item, dataset: str, text: str = "") -> bytes | None:
-        """Decode and make the record; returns the pixel sample's histogram (None when rejected)."""
+        """Decode and make the record; returns its pixel sample (`engine.images.sample_pixels`; None when
+        rejected)."""
         try:
             image = decode(item.image, self.limits)
         except ImageRejected as exc:
@@ -217,4 +218,4 @@ class Decode(Stage):
             # anyway (collect's near-constant check)
             "provenance": {NAME: {"reencoded": image.reencoded, "pixel_std": None}},
         }
-        return image.histogram
+        return image.sample

@@ -114,8 +114,8 @@ def test_decode_measures_the_pixel_spread_of_the_stored_pixels():
 
 
 def test_the_sampled_pixel_spread_estimates_the_spread_of_every_pixel():
-    """`pixel_std` looks at 255 pixels: on real images it stays within a few levels of the standard
-    deviation of all of them, and a sample never exceeds a byte per histogram bin."""
+    """`pixel_std` looks at 256 pixels: on real images it stays within a few levels of the standard
+    deviation of all of them; the sample grid keeps the image's aspect and takes every pixel of a small one."""
     from engine.images import SAMPLE_PIXELS, load_rgb, pixel_std, sample_size
 
     for name in ("scene_000.jpg", "scene_001.jpg", "odd_exif_rot6.jpg", "odd_palette.png"):
@@ -127,6 +127,27 @@ def test_the_sampled_pixel_spread_estimates_the_spread_of_every_pixel():
         assert 1 <= columns <= width and 1 <= rows <= height and columns * rows <= SAMPLE_PIXELS
         if width * height <= SAMPLE_PIXELS:
             assert (columns, rows) == (width, height)  # small images: every pixel
+
+
+def test_pixel_spreads_of_a_batch_of_samples_of_different_sizes():
+    """One numpy pass over samples of different lengths (aspect ratios, tiny images) gives each sample the
+    largest per-channel standard deviation of its own pixels: nothing leaks between neighbours."""
+    from engine.images import pixel_spreads, sample_pixels
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 40), (1, 1), (9, 7))
+    ]
+    images += [Image.new("RGB", (640, 480), (12, 200, 40)), Image.new("L", (50, 60), 77)]
+    samples = [sample_pixels(image) for image in images]
+    expected = [
+        float(np.frombuffer(sample, dtype=np.uint8).reshape(-1, 3).astype(np.float64).std(axis=0).max())
+        for sample in samples
+    ]
+    assert pixel_spreads(samples) == pytest.approx(expected, abs=1e-9)
+    assert pixel_spreads(samples)[1] == 0.0 and pixel_spreads(samples)[3] == 0.0  # one pixel; one colour
+    assert [len(sample) // 3 for sample in samples[1:3]] == [1, 63]  # small images: every pixel
+    assert pixel_spreads([]) == []
 
 
 def test_the_decode_stage_records_each_images_pixel_spread_batch_or_not(tmp_path):
