@@ -179,9 +179,7 @@ def decode(data: bytes, limits: DecodeLimits) -> DecodedImage:
     else:
         rgb.save(buffer, format="JPEG", quality=limits.jpeg_quality)
         ext = "jpg"
-    return DecodedImage(
-        buffer.getvalue(), ext, width, height, reencoded=True, sample=sample_pixels(rgb)
-    )
+    return DecodedImage(buffer.getvalue(), ext, width, height, reencoded=True, sample=sample_pixels(rgb))
 
 
 def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:

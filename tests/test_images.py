@@ -115,7 +115,7 @@ def test_decode_measures_the_pixel_spread_of_the_stored_pixels():
 
 def test_the_sampled_pixel_spread_estimates_the_spread_of_every_pixel():
     """`pixel_std` looks at 256 pixels: on real images it stays within a few levels of the standard
-    deviation of all of them; the sample grid keeps the image's aspect and takes every pixel of a small one."""
+    deviation of all of them; the sample grid keeps the image's aspect, and a small image is taken whole."""
     from engine.images import SAMPLE_PIXELS, load_rgb, pixel_std, sample_size
 
     for name in ("scene_000.jpg", "scene_001.jpg", "odd_exif_rot6.jpg", "odd_palette.png"):
@@ -135,9 +135,8 @@ def test_pixel_spreads_of_a_batch_of_samples_of_different_sizes():
     from engine.images import pixel_spreads, sample_pixels
 
     rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 40), (1, 1), (9, 7))
-    ]
+    sizes = ((300, 40), (1, 1), (9, 7))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     images += [Image.new("RGB", (640, 480), (12, 200, 40)), Image.new("L", (50, 60), 77)]
     samples = [sample_pixels(image) for image in images]
     expected = [
