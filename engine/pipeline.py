@@ -284,7 +284,9 @@ def run_ray(
     names, actors = start_key_table(out, committed.parts, run_id, cfg.ray.dedupe_partitions)
     try:
         context = RunContext(registry_names=names, namespace=namespace)
-        listing = ray.data.from_arrow([units_table([unit]) for unit in units])  # a block per source
+        # A block per source. from_blocks (Ray's developer API) takes each block's metadata here; from_arrow
+        # runs a remote task per block for it, which on a fresh local Ray waits ~1 s for a worker process.
+        listing = ray.data.from_blocks([units_table([unit]) for unit in units])
         groups = stage_groups(stages, cfg)
         if cfg.ray.one_process_per_source and len(groups) == 1:
             run_in_source_workers(listing, groups[0], cfg, context, out, run_id)

@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)
-    started_local = init_ray(RayConfig(show_progress=False), namespace="chatrex-train")
+    started_local = init_ray(RayConfig(show_progress=False), namespace="chatrex-train", train=True)
     try:
         dataset = ray.data.read_webdataset(paths, decoder=None)
         start_dir = initial_model_dir(cfg.model, cfg.parts, output)

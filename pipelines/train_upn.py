@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    started_local = init_ray(RayConfig(show_progress=False), namespace="upn-train")
+    started_local = init_ray(RayConfig(show_progress=False), namespace="upn-train", train=True)
     try:
         dataset = ray.data.read_webdataset(shard_paths(args.shards), decoder=None)
         fit_to_folder(
