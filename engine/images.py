@@ -85,8 +85,7 @@ def pixel_spreads(samples: Sequence[bytes]) -> list[float]:
         return []
     counts = np.fromiter((len(sample) // 3 for sample in samples), dtype=np.int64, count=len(samples))
     pixels = np.frombuffer(b"".join(samples), dtype=np.uint8).reshape(-1, 3).astype(np.float64)
-    starts = np.zeros(len(samples), dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))  # where each sample's pixels begin
     sums = np.add.reduceat(pixels, starts, axis=0)  # per image and channel (exact in float64)
     squares = np.add.reduceat(pixels * pixels, starts, axis=0)
     n = counts[:, None].astype(np.float64)
